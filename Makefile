@@ -1,0 +1,94 @@
+# sandboxd build. `make run` starts the daemon, `make test` runs every test suite.
+# Dependencies are Debian packages, installed by scripts/deps.sh when missing (as root).
+
+CC       ?= cc
+BUILD    ?= build
+LLHTTP_SRC := /usr/share/llhttp
+LLHTTP_INC := /usr/share/include/llhttp
+
+WARN   := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wformat=2 \
+          -Wno-unused-parameter
+WERROR ?= -Werror
+OPT    ?= -O2 -g
+CPPFLAGS_ALL := -D_GNU_SOURCE -Isrc -I$(LLHTTP_INC)
+CFLAGS_ALL   := -std=c17 $(OPT) $(WARN) $(WERROR) -fno-strict-aliasing $(EXTRA_CFLAGS)
+LDLIBS_ALL   := -luv -ljansson
+
+SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+
+# Everything under src/ except main.c is the library the daemon and the unit tests share.
+LIB_SRC  := $(sort $(filter-out src/main.c,$(wildcard src/*/*.c)))
+UNIT_SRC := $(sort $(wildcard tests/unit/*.c))
+LLHTTP_C := $(LLHTTP_SRC)/api.c $(LLHTTP_SRC)/http.c $(LLHTTP_SRC)/llhttp.c
+
+PORT ?= 9501
+STATE_DIR ?= /var/tmp/sandboxd-state
+
+.PHONY: all deps run test unit asan bench clean check-style sdk-deps
+
+all: deps $(BUILD)/sandboxd
+
+deps:
+	@scripts/deps.sh
+
+# ---- release build ----
+$(BUILD)/obj/%.o: %.c $(wildcard src/*/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) $(CFLAGS_ALL) -c -o $@ $<
+
+$(BUILD)/obj/llhttp/%.o: $(LLHTTP_SRC)/%.c
+	@mkdir -p $(dir $@)
+	$(CC) -I$(LLHTTP_INC) -O2 -g -w -c -o $@ $<
+
+LIB_OBJ    := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(patsubst $(LLHTTP_SRC)/%.c,$(BUILD)/obj/llhttp/%.o,$(LLHTTP_C))
+UNIT_OBJ   := $(UNIT_SRC:%.c=$(BUILD)/obj/%.o)
+
+$(BUILD)/sandboxd: $(BUILD)/obj/src/main.o $(LIB_OBJ)
+	$(CC) $(CFLAGS_ALL) -o $@ $^ $(LDLIBS_ALL)
+
+$(BUILD)/test_unit: $(UNIT_OBJ) $(LIB_OBJ)
+	$(CC) $(CFLAGS_ALL) -o $@ $^ $(LDLIBS_ALL)
+
+# ---- sanitizer build (ASan + UBSan), same sources, own object dir ----
+ASAN_DIR := $(BUILD)/asan
+$(ASAN_DIR)/obj/%.o: %.c $(wildcard src/*/*.h)
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS_ALL) $(CFLAGS_ALL) -O1 $(SAN_FLAGS) -c -o $@ $<
+
+$(ASAN_DIR)/obj/llhttp/%.o: $(LLHTTP_SRC)/%.c
+	@mkdir -p $(dir $@)
+	$(CC) -I$(LLHTTP_INC) -O1 -g -w $(SAN_FLAGS) -c -o $@ $<
+
+ASAN_LIB_OBJ  := $(LIB_SRC:%.c=$(ASAN_DIR)/obj/%.o) $(patsubst $(LLHTTP_SRC)/%.c,$(ASAN_DIR)/obj/llhttp/%.o,$(LLHTTP_C))
+ASAN_UNIT_OBJ := $(UNIT_SRC:%.c=$(ASAN_DIR)/obj/%.o)
+
+$(ASAN_DIR)/sandboxd: $(ASAN_DIR)/obj/src/main.o $(ASAN_LIB_OBJ)
+	$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
+
+$(ASAN_DIR)/test_unit: $(ASAN_UNIT_OBJ) $(ASAN_LIB_OBJ)
+	$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
+
+asan: deps $(ASAN_DIR)/sandboxd $(ASAN_DIR)/test_unit
+
+# ---- running ----
+run: all
+	@mkdir -p $(STATE_DIR)
+	$(BUILD)/sandboxd --listen 127.0.0.1:$(PORT) --state-dir $(STATE_DIR)
+
+unit: deps $(BUILD)/test_unit
+	$(BUILD)/test_unit
+
+# All suites: unit (plain and sanitized), integration against the plain and the sanitized
+# daemon, and the vendors' SDKs. Prints one closing "N passed, N failed" line.
+test: deps $(BUILD)/sandboxd $(BUILD)/test_unit $(ASAN_DIR)/sandboxd $(ASAN_DIR)/test_unit
+	@scripts/run-tests.sh
+
+sdk-deps:
+	@scripts/sdk-deps.sh
+
+bench: all
+	@$(MAKE) -s -C bench
+	@python3 bench/bench.py --daemon $(BUILD)/sandboxd
+
+clean:
+	rm -rf $(BUILD)

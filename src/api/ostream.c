@@ -1,0 +1,219 @@
+/*
+ * ostream: the output pump shared by every dialect's streaming answers (follow streams, the
+ * run stream, whole-output GETs). It reads records from a process's obuf at its own cursor
+ * and formats them into the HTTP stream through the dialect's ops.
+ *
+ * Why a cursor into the log and not a queue of live events: a follower that attaches late
+ * gets the replay and the live tail from the same place, in one order, with no gap and no
+ * duplicate; a follower that reads slowly only falls behind in the file, costing no memory
+ * and never slowing the child or the other followers.
+ *
+ * It is not a parser of records (obuf does that) nor an HTTP writer (http does that).
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "api/api.h"
+#include "obuf/obuf.h"
+
+struct ostream {
+    struct app *app;
+    struct http_req *r;          /* NULL once aborted or ended */
+    struct proc *p;              /* referenced */
+    const struct ostream_ops *ops;
+    void *ctx;
+    bool follow;
+    bool pumping;                /* re-entrancy guard: pump() may trigger callbacks */
+    bool again;
+    bool done;
+    uint64_t cursor;
+    uint64_t until;              /* follow=false: end offset at start */
+    struct proc_watch watch;
+    uv_timer_t ka;
+    bool ka_active;
+};
+
+/* One scratch buffer for all pumps: the loop is single-threaded and each batch is formatted
+ * and copied into the connection's send buffer before the next one is read. */
+static char scratch[OBUF_REC_MAX + 64 * 1024];
+static struct sbuf fmt = SBUF_INIT;
+
+static void pump(struct ostream *s);
+
+static void on_ka_close(uv_handle_t *h)
+{
+    struct ostream *s = h->data;
+    proc_unref(s->p);
+    free(s);
+}
+
+/* Releases everything; the request is no longer ours. */
+static void release(struct ostream *s)
+{
+    s->done = true;
+    s->r = NULL;
+    proc_watch_del(&s->watch);
+    uv_timer_stop(&s->ka);
+    uv_close((uv_handle_t *)&s->ka, on_ka_close);
+}
+
+static void flush_fmt(struct ostream *s)
+{
+    if (fmt.len > 0) {
+        http_stream_write(s->r, fmt.buf, fmt.len);
+        sbuf_reset(&fmt);
+    }
+}
+
+static void finish(struct ostream *s)
+{
+    struct http_req *r = s->r;
+    sbuf_reset(&fmt);
+    if (s->ops->end != NULL)
+        s->ops->end(s, &fmt);
+    flush_fmt(s);
+    if (s->p->state == PROC_DONE)
+        obuf_idle(s->p->out);
+    release(s);
+    http_stream_end(r);
+}
+
+static bool at_end(struct ostream *s)
+{
+    struct obuf_stats st;
+    obuf_get_stats(s->p->out, &st);
+    if (!s->follow)
+        return s->cursor >= s->until;
+    return s->p->state == PROC_DONE && s->cursor >= st.end_off;
+}
+
+static void pump_once(struct ostream *s)
+{
+    for (;;) {
+        if (http_stream_queued(s->r) >= HTTP_STREAM_HIGH)
+            return; /* on_drain resumes */
+        if (!s->follow && s->cursor >= s->until)
+            break;
+        uint64_t base = s->cursor;
+        size_t n = 0;
+        int rc = obuf_read(s->p->out, &s->cursor, scratch, sizeof(scratch), &n);
+        if (rc == OBUF_GAP) {
+            sbuf_reset(&fmt);
+            if (s->ops->gap != NULL)
+                s->ops->gap(s, s->cursor - base, &fmt);
+            flush_fmt(s);
+            continue;
+        }
+        if (rc < 0) {
+            /* The log cannot be read (disk error): end the stream rather than spin. */
+            log_warnx("output of process %d unreadable: %s", (int)s->p->pid, strerror(-rc));
+            break;
+        }
+        if (n == 0)
+            break;
+        sbuf_reset(&fmt);
+        size_t pos = 0;
+        struct obuf_rec rec;
+        while (obuf_next(scratch, n, &pos, base, &rec))
+            s->ops->rec(s, &rec, &fmt);
+        flush_fmt(s);
+    }
+    if (at_end(s))
+        finish(s);
+}
+
+static void pump(struct ostream *s)
+{
+    if (s->done)
+        return;
+    if (s->pumping) {
+        s->again = true;
+        return;
+    }
+    s->pumping = true;
+    do {
+        s->again = false;
+        pump_once(s);
+    } while (s->again && !s->done);
+    s->pumping = false;
+}
+
+static void on_proc_event(struct proc *p, enum proc_event ev, void *arg)
+{
+    (void)p;
+    if (ev == PROC_EV_OUTPUT || ev == PROC_EV_EXIT || ev == PROC_EV_RESTART)
+        pump(arg);
+}
+
+static void on_drain(struct http_req *r, void *arg)
+{
+    (void)r;
+    pump(arg);
+}
+
+static void on_abort(struct http_req *r, void *arg)
+{
+    struct ostream *s = arg;
+    (void)r;
+    if (s->done)
+        return;
+    s->r = NULL;
+    if (s->ops->abort != NULL)
+        s->ops->abort(s);
+    release(s);
+}
+
+static void on_keepalive(uv_timer_t *t)
+{
+    struct ostream *s = t->data;
+    if (s->done || s->ops->keepalive == NULL)
+        return;
+    sbuf_reset(&fmt);
+    s->ops->keepalive(s, &fmt);
+    flush_fmt(s);
+}
+
+static const struct http_stream_ops stream_ops = {.on_drain = on_drain};
+
+struct ostream *ostream_start(struct app *app, struct http_req *r, struct proc *p,
+                              const struct ostream_ops *ops, void *ctx, bool follow,
+                              uint32_t keepalive_ms)
+{
+    struct ostream *s = xcalloc(1, sizeof(*s));
+    struct obuf_stats st;
+
+    s->app = app;
+    s->r = r;
+    s->p = p;
+    s->ops = ops;
+    s->ctx = ctx;
+    s->follow = follow;
+    proc_ref(p);
+    obuf_get_stats(p->out, &st);
+    s->until = st.end_off;
+    uv_timer_init(app->loop, &s->ka);
+    s->ka.data = s;
+    if (keepalive_ms > 0 && ops->keepalive != NULL)
+        uv_timer_start(&s->ka, on_keepalive, keepalive_ms, keepalive_ms);
+    http_req_on_abort(r, on_abort, s);
+    http_stream_begin(r, 200, ops->content_type, ops->extra_headers, &stream_ops, s);
+    if (ops->begin != NULL) {
+        sbuf_reset(&fmt);
+        ops->begin(s, &fmt);
+        flush_fmt(s);
+    }
+    proc_watch_add(p, &s->watch, on_proc_event, s);
+    pump(s);
+    return s;
+}
+
+void *ostream_ctx(struct ostream *s)
+{
+    return s->ctx;
+}
+
+struct proc *ostream_proc(struct ostream *s)
+{
+    return s->p;
+}

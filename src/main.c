@@ -1,0 +1,260 @@
+/*
+ * sandboxd: command line, signal setup, the event loop, and ordered teardown. Nothing else:
+ * serving is in server/ + http/, the API in api/, processes in proc/.
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "api/api.h"
+#include "http/http.h"
+#include "proc/proc.h"
+
+static struct app app;
+static struct http_server *server;
+static uv_signal_t sig_term, sig_int;
+static bool stopping;
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: sandboxd [options]\n"
+            "\n"
+            "An in-sandbox process daemon: starts processes, captures their output, and serves\n"
+            "Tensorlake's (/api/v1/processes) and Blaxel's (/process) APIs over HTTP.\n"
+            "\n"
+            "  --listen HOST:PORT      address to listen on (default 127.0.0.1:9501); port 0\n"
+            "                          picks a free port. Once accepting, one line\n"
+            "                          \"listening on HOST:PORT\" is printed to stdout.\n"
+            "  --token TOKEN           require \"Authorization: Bearer TOKEN\" on every route\n"
+            "                          but /api/v1/health (also from $SANDBOXD_TOKEN).\n"
+            "                          Required to listen on a non-loopback address.\n"
+            "  --state-dir DIR         where captured output is kept (default\n"
+            "                          $SANDBOXD_STATE_DIR or /var/tmp/sandboxd-<uid>)\n"
+            "  --max-output BYTES      output log kept per process (default 1 GiB; suffixes\n"
+            "                          K, M, G); older output is dropped, explicitly\n"
+            "  --max-total-output BYTES  output kept over all processes (default 4 GiB)\n"
+            "  --verbose               log each request (never headers or tokens)\n"
+            "  --help                  this text\n");
+}
+
+static int parse_size(const char *s, uint64_t *ret)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno != 0 || end == s)
+        return -EINVAL;
+    switch (*end) {
+    case 'k': case 'K': v <<= 10; end++; break;
+    case 'm': case 'M': v <<= 20; end++; break;
+    case 'g': case 'G': v <<= 30; end++; break;
+    default: break;
+    }
+    if (*end != '\0')
+        return -EINVAL;
+    *ret = v;
+    return 0;
+}
+
+/* Splits "HOST:PORT" or "[V6]:PORT". */
+static int parse_listen(const char *s, char *host, size_t hostlen, int *port)
+{
+    const char *colon;
+    size_t hl;
+    if (s[0] == '[') {
+        const char *rb = strchr(s, ']');
+        if (rb == NULL || rb[1] != ':')
+            return -EINVAL;
+        hl = (size_t)(rb - s - 1);
+        s++;
+        colon = rb + 1;
+    } else {
+        colon = strrchr(s, ':');
+        if (colon == NULL)
+            return -EINVAL;
+        hl = (size_t)(colon - s);
+    }
+    if (hl == 0 || hl >= hostlen)
+        return -EINVAL;
+    memcpy(host, s, hl);
+    host[hl] = '\0';
+    char *end;
+    long p = strtol(colon + 1, &end, 10);
+    if (*end != '\0' || end == colon + 1 || p < 0 || p > 65535)
+        return -EINVAL;
+    *port = (int)p;
+    return 0;
+}
+
+static bool is_loopback(const char *host)
+{
+    return strncmp(host, "127.", 4) == 0 || strcmp(host, "::1") == 0 ||
+           strcmp(host, "localhost") == 0;
+}
+
+static void on_procs_down(void *arg)
+{
+    (void)arg;
+    uv_stop(app.loop);
+}
+
+static void on_server_down(void *arg)
+{
+    (void)arg;
+    server = NULL;
+    proc_table_shutdown(app.procs, on_procs_down, NULL);
+}
+
+static void on_signal(uv_signal_t *h, int signum)
+{
+    (void)h;
+    if (stopping)
+        return;
+    stopping = true;
+    log_info("signal %d: shutting down", signum);
+    http_server_stop(server, on_server_down, NULL);
+}
+
+static void on_walk_close(uv_handle_t *h, void *arg)
+{
+    (void)arg;
+    if (!uv_is_closing(h))
+        uv_close(h, NULL);
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"listen", required_argument, NULL, 'l'},
+        {"token", required_argument, NULL, 't'},
+        {"state-dir", required_argument, NULL, 's'},
+        {"max-output", required_argument, NULL, 'm'},
+        {"max-total-output", required_argument, NULL, 'M'},
+        {"verbose", no_argument, NULL, 'v'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *listen = "127.0.0.1:9501";
+    const char *token = getenv("SANDBOXD_TOKEN");
+    const char *state_dir = getenv("SANDBOXD_STATE_DIR");
+    char state_buf[64];
+    struct proc_config pcfg = {
+        .max_output_bytes = 1ULL << 30,
+        .max_total_output_bytes = 4ULL << 30,
+        .drain_grace_ms = 2000,
+        .stop_grace_ms = 5000,
+        .max_procs = 1024,
+        .max_records = 10000,
+        .use_cgroups = true,
+    };
+    char host[256];
+    int port, c, rc;
+
+    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+        switch (c) {
+        case 'l': listen = optarg; break;
+        case 't': token = optarg; break;
+        case 's': state_dir = optarg; break;
+        case 'm':
+            if (parse_size(optarg, &pcfg.max_output_bytes) < 0)
+                fatalx("bad --max-output: %s", optarg);
+            break;
+        case 'M':
+            if (parse_size(optarg, &pcfg.max_total_output_bytes) < 0)
+                fatalx("bad --max-total-output: %s", optarg);
+            break;
+        case 'v': log_verbose = 1; break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (optind != argc) {
+        usage(stderr);
+        return 2;
+    }
+    if (token != NULL && token[0] == '\0')
+        token = NULL;
+    if (parse_listen(listen, host, sizeof(host), &port) < 0) {
+        fprintf(stderr, "sandboxd: bad --listen address: %s (want HOST:PORT)\n", listen);
+        return 2;
+    }
+    if (!is_loopback(host) && token == NULL) {
+        fprintf(stderr, "sandboxd: refusing to listen on non-loopback address %s without a "
+                        "token (--token or SANDBOXD_TOKEN)\n", host);
+        return 2;
+    }
+    if (state_dir == NULL) {
+        snprintf(state_buf, sizeof(state_buf), "/var/tmp/sandboxd-%u", (unsigned)getuid());
+        state_dir = state_buf;
+    }
+    if (mkdir(state_dir, 0700) < 0 && errno != EEXIST)
+        fatal("cannot create state dir %s", state_dir);
+    pcfg.state_dir = state_dir;
+
+    /* Writes to a vanished client must fail with EPIPE, not kill the daemon. Children get
+     * default dispositions back in the spawn path. */
+    signal(SIGPIPE, SIG_IGN);
+    /* Under memory pressure the kernel should pick a workload, not the daemon. */
+    if (geteuid() == 0) {
+        int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+        if (fd >= 0) {
+            if (write(fd, "-500", 4) < 0)
+                log_debug("oom_score_adj: %s", strerror(errno));
+            close(fd);
+        }
+    }
+
+    app.loop = uv_default_loop();
+    app.token = token;
+    app.token_len = token ? strlen(token) : 0;
+    app.start_ms = now_ms();
+    app.is_root = geteuid() == 0;
+
+    if ((rc = proc_table_new(app.loop, &pcfg, &app.procs)) < 0)
+        fatalx("cannot set up the process table: %s", uv_strerror(rc));
+
+    struct http_config hcfg = {
+        .host = host,
+        .port = port,
+        .max_body = 1 << 20,
+        .header_timeout_ms = 10000,
+        .idle_timeout_ms = 60000,
+        .write_timeout_ms = 30000,
+        .max_conns = 1024,
+        .handler = api_handle,
+        .handler_arg = &app,
+    };
+    int bound;
+    if ((rc = http_server_start(app.loop, &hcfg, &server, &bound)) < 0)
+        fatalx("cannot listen on %s: %s", listen, uv_strerror(rc));
+
+    uv_signal_init(app.loop, &sig_term);
+    uv_signal_init(app.loop, &sig_int);
+    uv_signal_start(&sig_term, on_signal, SIGTERM);
+    uv_signal_start(&sig_int, on_signal, SIGINT);
+    uv_unref((uv_handle_t *)&sig_term);
+    uv_unref((uv_handle_t *)&sig_int);
+
+    if (strchr(host, ':') != NULL)
+        printf("listening on [%s]:%d\n", host, bound);
+    else
+        printf("listening on %s:%d\n", host, bound);
+    fflush(stdout);
+    log_info("listening on %s port %d%s", host, bound, token ? " (token required)" : "");
+
+    uv_run(app.loop, UV_RUN_DEFAULT);
+
+    proc_table_free(app.procs);
+    uv_walk(app.loop, on_walk_close, NULL);
+    uv_run(app.loop, UV_RUN_DEFAULT);
+    uv_loop_close(app.loop);
+    log_info("stopped");
+    return 0;
+}

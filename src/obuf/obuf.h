@@ -1,0 +1,121 @@
+/*
+ * obuf: one process's captured output, kept whole on disk with bounded daemon memory.
+ * No libuv; plain syscalls on one file, so unit tests feed it byte strings.
+ *
+ * Bytes read from the child's stdout/stderr pipes go in through obuf_write(); obuf splits
+ * them into line records on '\n' (a line longer than OBUF_LINE_MAX is emitted in chunks
+ * cut at a UTF-8 character boundary; the final partial line is emitted at obuf_eof()).
+ * Records of both streams go, in capture order, into one append-only log file:
+ *
+ *     record = header { u32 len; u8 stream; u8 flags; u16 zero; i64 ts_ms } + len data bytes
+ *
+ * The data never contains the '\n' that ended the line (flag OBUF_F_NL says one was there),
+ * so the raw stream is exactly the concatenation of data (+ "\n" where OBUF_F_NL).
+ * A record's offset is its logical byte position in the log (starting at 0). Offsets are
+ * stable forever; cursors are offsets.
+ *
+ * Memory: a store holds no heap beyond the struct until output arrives; then a write-behind
+ * buffer (at most OBUF_PENDING_MAX) and two partial-line buffers (at most OBUF_LINE_MAX each).
+ * Readers copy records out of the file (pread, page cache) or the pending buffer into their
+ * own bounded buffer, so a slow reader costs no daemon memory and never slows the writer.
+ *
+ * Budget: when the retained log exceeds max_bytes, whole leading segments are dropped
+ * (fallocate PUNCH_HOLE, or the file is rewritten where that is unsupported). Dropping is
+ * never silent: first_off moves forward, dropped_bytes counts it, and a reader whose cursor
+ * falls before first_off gets OBUF_GAP once.
+ *
+ * The file is created lazily on the first record and unlinked by obuf_free(). After
+ * obuf_seal() (process finished), the write fd and the buffers are released; reads still work
+ * (the file is reopened read-only on demand and closed again by obuf_idle()).
+ */
+#ifndef SANDBOXD_OBUF_H
+#define SANDBOXD_OBUF_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define OBUF_STDOUT 1
+#define OBUF_STDERR 2
+
+#define OBUF_F_NL 0x01     /* the line ended with '\n' (not part of data) */
+#define OBUF_F_MARK 0x02   /* a daemon-made marker (restart/stop notices), not child output */
+
+#define OBUF_HDR_SIZE 16
+#define OBUF_LINE_MAX (64 * 1024)                 /* longest record data */
+#define OBUF_REC_MAX (OBUF_HDR_SIZE + OBUF_LINE_MAX)
+#define OBUF_PENDING_MAX (64 * 1024)
+#define OBUF_SEGMENT (1024 * 1024)                /* granularity of head dropping */
+
+#define OBUF_GAP 1   /* obuf_read: cursor was before the retained window (see there) */
+
+struct obuf;
+
+struct obuf_rec {
+    uint64_t off;      /* offset of this record */
+    int64_t ts_ms;
+    uint8_t stream;    /* OBUF_STDOUT or OBUF_STDERR */
+    uint8_t flags;
+    uint32_t len;
+    const char *data;  /* borrowed from the buffer passed to obuf_next() */
+};
+
+struct obuf_stats {
+    uint64_t first_off;       /* oldest retained record */
+    uint64_t end_off;         /* offset the next record will get */
+    uint64_t dropped_bytes;   /* log bytes dropped by the budget (first_off - 0) */
+    uint64_t bytes[3];        /* raw child bytes per stream (index OBUF_STDOUT/ERR), incl. '\n' */
+    uint64_t lines[3];        /* records per stream */
+    bool truncated;           /* dropped_bytes > 0 */
+};
+
+/* Creates a store whose log file will be `path` (not created yet). max_bytes is the retained
+ * budget (0 = unlimited). Never fails. */
+struct obuf *obuf_new(const char *path, uint64_t max_bytes);
+
+/* Unlinks the file and frees everything. Accepts NULL. */
+void obuf_free(struct obuf *b);
+
+/* Feeds n raw bytes of `stream` read at ts_ms. Returns 0 or a negative errno (disk error:
+ * the bytes are counted as dropped and the store stays usable). */
+int obuf_write(struct obuf *b, int stream, const char *data, size_t n, int64_t ts_ms);
+
+/* The stream hit EOF: emits its partial line, if any, as a record without OBUF_F_NL. */
+int obuf_eof(struct obuf *b, int stream, int64_t ts_ms);
+
+/* Appends one whole record (used for markers). Flushes `stream`'s partial line first so order
+ * is kept. len is clamped to OBUF_LINE_MAX. */
+int obuf_append(struct obuf *b, int stream, uint8_t flags, const char *data, size_t len,
+                int64_t ts_ms);
+
+/* Writes the pending buffer to the file. Call once per batch of obuf_write()s. */
+int obuf_flush(struct obuf *b);
+
+/* The producer is done: flushes partial lines and pending data, closes the write fd, frees
+ * the buffers. Further writes are ignored. */
+void obuf_seal(struct obuf *b);
+
+/* Closes a read-only fd opened on demand after seal (call when no reader is active). */
+void obuf_idle(struct obuf *b);
+
+/* Copies whole records starting at *cursor into buf (cap >= OBUF_REC_MAX), advancing *cursor.
+ * Returns 0 with *ret_len = bytes copied (0: nothing new yet), OBUF_GAP if *cursor was
+ * before first_off (then *cursor = first_off, *ret_len = 0; the caller reports the gap of
+ * first_off - old cursor bytes), or a negative errno. *cursor must be a record boundary
+ * (0, a value returned here, or obuf_stats.end_off). */
+int obuf_read(struct obuf *b, uint64_t *cursor, char *buf, size_t cap, size_t *ret_len);
+
+/* Iterates the records in buf[0..len) filled by obuf_read(); start with *pos = 0.
+ * base_off is the cursor value before that obuf_read() call (to fill rec.off). */
+bool obuf_next(const char *buf, size_t len, size_t *pos, uint64_t base_off, struct obuf_rec *ret);
+
+void obuf_get_stats(const struct obuf *b, struct obuf_stats *ret);
+
+/* Bytes of log currently retained on disk (end_off - first_off). */
+uint64_t obuf_retained(const struct obuf *b);
+
+/* Drops leading segments until at most keep bytes are retained (global budget enforcement). */
+void obuf_trim(struct obuf *b, uint64_t keep);
+
+#endif
