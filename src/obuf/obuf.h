@@ -24,7 +24,14 @@
  * never silent: first_off moves forward, dropped_bytes counts it, and a reader whose cursor
  * falls before first_off gets OBUF_GAP once.
  *
- * The file is created lazily on the first record and unlinked by obuf_free(). After
+ * Stats: bytes[] counts exactly what the child wrote (obuf_write input, taken even when the
+ * disk later fails); lines[] counts records. Markers (OBUF_F_MARK) count in neither.
+ * A disk write error loses bytes that were not yet in the file; to keep offsets meaningful,
+ * everything before end_off is then treated as dropped (first_off = end_off).
+ * Budget granularity: drop points are the first record of each segment, and end_off as a last
+ * resort, so retained bytes never exceed max_bytes after a write.
+ *
+ * The file is created lazily on the first flush and unlinked by obuf_free(). After
  * obuf_seal() (process finished), the write fd and the buffers are released; reads still work
  * (the file is reopened read-only on demand and closed again by obuf_idle()).
  */
@@ -66,7 +73,7 @@ struct obuf_stats {
     uint64_t end_off;         /* offset the next record will get */
     uint64_t dropped_bytes;   /* log bytes dropped by the budget (first_off - 0) */
     uint64_t bytes[3];        /* raw child bytes per stream (index OBUF_STDOUT/ERR), incl. '\n' */
-    uint64_t lines[3];        /* records per stream */
+    uint64_t lines[3];        /* records per stream (a chunked long line counts per chunk) */
     bool truncated;           /* dropped_bytes > 0 */
 };
 
@@ -117,5 +124,9 @@ uint64_t obuf_retained(const struct obuf *b);
 
 /* Drops leading segments until at most keep bytes are retained (global budget enforcement). */
 void obuf_trim(struct obuf *b, uint64_t keep);
+
+/* A record boundary at or before max(first_off, off - window): where to start reading to see
+ * (at least) the last `window` bytes of log before off. Cheap: uses the segment index. */
+uint64_t obuf_seek_back(const struct obuf *b, uint64_t off, uint64_t window);
 
 #endif

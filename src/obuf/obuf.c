@@ -1,0 +1,673 @@
+/*
+ * obuf: one process's captured output as an append-only log file of line records, with a
+ * write-behind buffer, per-stream partial-line buffers and a retained-bytes budget.
+ * It does no event-loop work and no logging; it never blocks on anything but the local file.
+ * It does not know about HTTP, JSON or subscribers: readers hold plain offsets (cursors).
+ *
+ * Offsets are logical log positions. The file normally maps them 1:1 (file_base == 0) and
+ * dropped head segments become holes (FALLOC_FL_PUNCH_HOLE). Where punching is unsupported
+ * the retained tail is copied to a fresh file, which then starts at logical file_base.
+ *
+ * Invariant while producing: flushed_off + pending_len == end_off, and the file holds every
+ * logical byte in [max(first_off, file_base), flushed_off).
+ */
+#include "obuf/obuf.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "json/json.h"
+#include "util/util.h"
+
+/* Test hook (internal): behave as if the filesystem could not punch holes. */
+bool obuf__no_punch;
+
+struct partial {
+    char *buf;      /* OBUF_LINE_MAX bytes, allocated on first use */
+    size_t len;
+    int64_t ts_ms;  /* capture time of the line's first byte */
+};
+
+struct obuf {
+    char *path;
+    uint64_t max_bytes;
+    int wfd;              /* O_RDWR while producing; -1 before creation and after seal */
+    int rfd;              /* O_RDONLY opened on demand after seal */
+    bool created;         /* the file exists (we created it, so we unlink it) */
+    bool sealed;
+    bool no_punch;        /* fallocate said EOPNOTSUPP: use the rewrite fallback */
+
+    uint64_t first_off;
+    uint64_t end_off;
+    uint64_t flushed_off; /* logical bytes below this are in the file (or dropped) */
+    uint64_t file_base;   /* logical offset of file byte 0 */
+    uint64_t reclaimed;   /* logical bytes below this have had their disk space released */
+
+    char *pending;        /* OBUF_PENDING_MAX bytes: logical [flushed_off, end_off) */
+    size_t pending_len;
+
+    struct partial part[3];
+
+    /* Record boundaries usable as drop points: the first record starting in each segment
+     * after first_off's, oldest first, in bounds[bhead..bhead+nbounds). */
+    uint64_t *bounds;
+    size_t bhead, nbounds, bcap;
+    uint64_t next_seg;    /* a record starting at or after this opens a new segment */
+
+    uint64_t bytes[3];
+    uint64_t lines[3];
+};
+
+/* ---- file helpers ---- */
+
+static int pwrite_all(int fd, const void *p, size_t n, uint64_t pos)
+{
+    const char *c = p;
+    while (n > 0) {
+        ssize_t w = pwrite(fd, c, n, (off_t)pos);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (w == 0)
+            return -EIO;
+        c += w;
+        n -= (size_t)w;
+        pos += (uint64_t)w;
+    }
+    return 0;
+}
+
+static int pwritev_all(int fd, struct iovec *iov, int cnt, uint64_t pos)
+{
+    while (cnt > 0) {
+        ssize_t k = pwritev(fd, iov, cnt, (off_t)pos);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (k == 0)
+            return -EIO;
+        pos += (uint64_t)k;
+        size_t done = (size_t)k;
+        while (cnt > 0 && done >= iov->iov_len) {
+            done -= iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (char *)iov->iov_base + done;
+            iov->iov_len -= done;
+        }
+    }
+    return 0;
+}
+
+static int pread_all(int fd, void *p, size_t n, uint64_t pos)
+{
+    char *c = p;
+    while (n > 0) {
+        ssize_t r = pread(fd, c, n, (off_t)pos);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            return -EIO; /* the log is shorter than our bookkeeping says */
+        c += r;
+        n -= (size_t)r;
+        pos += (uint64_t)r;
+    }
+    return 0;
+}
+
+static int ensure_wfd(struct obuf *b)
+{
+    if (b->wfd >= 0)
+        return 0;
+    /* O_TRUNC: a leftover file from an earlier daemon run under the same name is garbage. */
+    int fd = open(b->path, O_RDWR | O_CREAT | (b->created ? 0 : O_TRUNC) | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return -errno;
+    b->wfd = fd;
+    b->created = true;
+    return 0;
+}
+
+/* ---- budget ---- */
+
+static void bounds_push(struct obuf *b, uint64_t off)
+{
+    if (b->bhead + b->nbounds == b->bcap) {
+        if (b->bhead > 0) {
+            memmove(b->bounds, b->bounds + b->bhead, b->nbounds * sizeof(*b->bounds));
+            b->bhead = 0;
+        } else {
+            b->bcap = b->bcap ? b->bcap * 2 : 8;
+            b->bounds = xrealloc(b->bounds, b->bcap * sizeof(*b->bounds));
+        }
+    }
+    b->bounds[b->bhead + b->nbounds++] = off;
+}
+
+/* Copies the retained flushed bytes into a fresh file and renames it over the log. Only used
+ * where holes cannot be punched, and only once the dead prefix is at least as large as what
+ * is kept, so the copying costs O(1) amortised per logged byte. */
+static void rewrite_file(struct obuf *b, int fd, uint64_t upto)
+{
+    char *tmp = xasprintf("%s.tmp", b->path);
+    char *cbuf = NULL;
+    int nfd = open(tmp, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (nfd < 0)
+        goto out;
+    cbuf = xmalloc(OBUF_PENDING_MAX);
+    for (uint64_t pos = upto; pos < b->flushed_off;) {
+        size_t n = (size_t)MIN((uint64_t)OBUF_PENDING_MAX, b->flushed_off - pos);
+        if (pread_all(fd, cbuf, n, pos - b->file_base) < 0 ||
+            pwrite_all(nfd, cbuf, n, pos - upto) < 0)
+            goto fail;
+        pos += n;
+    }
+    if (rename(tmp, b->path) < 0)
+        goto fail;
+    if (b->rfd >= 0) {
+        close(b->rfd);
+        b->rfd = -1;
+    }
+    if (b->wfd >= 0) {
+        close(b->wfd);
+        b->wfd = nfd;
+    } else {
+        close(nfd);
+    }
+    b->file_base = upto;
+    b->reclaimed = upto;
+    goto out;
+fail:
+    close(nfd);
+    unlink(tmp);
+out:
+    free(cbuf);
+    free(tmp);
+}
+
+/* Releases the disk space of dropped bytes that are already in the file. Failure only costs
+ * disk space, never correctness, so errors are ignored. */
+static void reclaim(struct obuf *b)
+{
+    uint64_t upto = MIN(b->first_off, b->flushed_off);
+    if (!b->created || upto <= b->reclaimed)
+        return;
+    int fd = b->wfd;
+    if (fd < 0) {
+        fd = open(b->path, O_RDWR | O_CLOEXEC);
+        if (fd < 0)
+            return;
+    }
+    if (!b->no_punch && !obuf__no_punch) {
+        uint64_t from = MAX(b->reclaimed, b->file_base);
+        if (fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(from - b->file_base),
+                      (off_t)(upto - from)) == 0) {
+            b->reclaimed = upto;
+            goto out;
+        }
+        if (errno != EOPNOTSUPP && errno != ENOSYS)
+            goto out;
+        b->no_punch = true;
+    }
+    uint64_t dead = upto - b->file_base, live = b->flushed_off - upto;
+    if (dead >= live && dead >= OBUF_SEGMENT)
+        rewrite_file(b, fd, upto);
+out:
+    if (fd != b->wfd)
+        close(fd);
+}
+
+/* Moves first_off forward to the earliest drop point that leaves at most keep bytes. The
+ * drop points are the first record of each segment and, as a last resort, end_off: a budget
+ * smaller than a segment is still a hard limit. */
+static void drop_to(struct obuf *b, uint64_t keep)
+{
+    if (b->end_off - b->first_off <= keep)
+        return;
+    uint64_t target = b->end_off - keep;
+    while (b->nbounds > 0 && b->bounds[b->bhead] < target) {
+        b->bhead++;
+        b->nbounds--;
+    }
+    if (b->nbounds > 0) {
+        b->first_off = b->bounds[b->bhead];
+        b->bhead++;
+        b->nbounds--;
+    } else {
+        b->first_off = b->end_off;
+    }
+    if (b->nbounds == 0)
+        b->bhead = 0;
+    reclaim(b);
+}
+
+/* A disk error lost logged bytes: rather than leave a hole readers could misparse, everything
+ * before end_off counts as dropped. Readers see OBUF_GAP and continue at the new end. */
+static void lose_all(struct obuf *b)
+{
+    b->first_off = b->end_off;
+    b->nbounds = 0;
+    b->bhead = 0;
+    reclaim(b);
+}
+
+/* ---- writing ---- */
+
+static int flush_pending(struct obuf *b)
+{
+    if (b->pending_len == 0)
+        return 0;
+    const char *p = b->pending;
+    size_t n = b->pending_len;
+    uint64_t pos = b->flushed_off;
+    if (b->first_off > pos) {
+        /* Only with budgets smaller than the pending buffer: skip what is already dropped. */
+        size_t skip = (size_t)MIN(b->first_off - pos, (uint64_t)n);
+        p += skip;
+        n -= skip;
+        pos += skip;
+    }
+    int r = 0;
+    if (n > 0) {
+        r = ensure_wfd(b);
+        if (r == 0)
+            r = pwrite_all(b->wfd, p, n, pos - b->file_base);
+    }
+    b->flushed_off += b->pending_len;
+    b->pending_len = 0;
+    if (r < 0)
+        lose_all(b);
+    return r;
+}
+
+static void put_hdr(char *h, size_t len, int stream, uint8_t flags, int64_t ts_ms)
+{
+    uint32_t l = (uint32_t)len;
+    memcpy(h, &l, 4);
+    h[4] = (char)stream;
+    h[5] = (char)flags;
+    h[6] = h[7] = 0;
+    memcpy(h + 8, &ts_ms, 8);
+}
+
+/* Appends one record whose data is p1[0..n1) followed by p2[0..n2). */
+static int emit(struct obuf *b, int stream, uint8_t flags, const char *p1, size_t n1,
+                const char *p2, size_t n2, int64_t ts_ms)
+{
+    size_t len = n1 + n2, rec = OBUF_HDR_SIZE + len;
+    int r = 0;
+
+    if (b->pending == NULL)
+        b->pending = xmalloc(OBUF_PENDING_MAX);
+    if (b->pending_len + rec > OBUF_PENDING_MAX)
+        r = flush_pending(b);
+
+    if (b->end_off >= b->next_seg) {
+        if (b->end_off > b->first_off)
+            bounds_push(b, b->end_off);
+        b->next_seg = (b->end_off / OBUF_SEGMENT + 1) * OBUF_SEGMENT;
+    }
+
+    if (rec <= OBUF_PENDING_MAX) {
+        char *d = b->pending + b->pending_len;
+        put_hdr(d, len, stream, flags, ts_ms);
+        if (n1)
+            memcpy(d + OBUF_HDR_SIZE, p1, n1);
+        if (n2)
+            memcpy(d + OBUF_HDR_SIZE + n1, p2, n2);
+        b->pending_len += rec;
+        b->end_off += rec;
+    } else {
+        /* Near-maximal records do not fit the write-behind buffer (now empty): write them
+         * straight through with one pwritev. */
+        char h[OBUF_HDR_SIZE];
+        put_hdr(h, len, stream, flags, ts_ms);
+        struct iovec iov[3] = {{h, sizeof(h)}, {(void *)p1, n1}, {(void *)p2, n2}};
+        uint64_t pos = b->flushed_off;
+        b->end_off += rec;
+        b->flushed_off += rec;
+        int w = ensure_wfd(b);
+        if (w == 0)
+            w = pwritev_all(b->wfd, iov, 3, pos - b->file_base);
+        if (w < 0) {
+            lose_all(b);
+            if (r == 0)
+                r = w;
+        }
+    }
+
+    if (b->max_bytes && b->end_off - b->first_off > b->max_bytes)
+        drop_to(b, b->max_bytes);
+    return r;
+}
+
+/* Emits stream's partial line (if any) as a record without OBUF_F_NL. */
+static int emit_partial(struct obuf *b, int stream)
+{
+    struct partial *p = &b->part[stream];
+    if (p->len == 0)
+        return 0;
+    int r = emit(b, stream, 0, p->buf, p->len, NULL, 0, p->ts_ms);
+    b->lines[stream]++;
+    p->len = 0;
+    return r;
+}
+
+/* How much of a too-long line goes into one chunk. */
+static size_t chunk_len(const char *s)
+{
+    size_t cut = utf8_cut(s, OBUF_LINE_MAX);
+    return cut ? cut : OBUF_LINE_MAX;
+}
+
+#define KEEP_ERR(r, e)          \
+    do {                        \
+        int e_ = (e);           \
+        if (e_ < 0 && (r) == 0) \
+            (r) = e_;           \
+    } while (0)
+
+int obuf_write(struct obuf *b, int stream, const char *data, size_t n, int64_t ts_ms)
+{
+    if (stream != OBUF_STDOUT && stream != OBUF_STDERR)
+        return -EINVAL;
+    if (b->sealed)
+        return 0;
+    struct partial *p = &b->part[stream];
+    int r = 0;
+    b->bytes[stream] += n;
+
+    while (n > 0) {
+        const char *nl = memchr(data, '\n', n);
+        size_t linelen = nl ? (size_t)(nl - data) : n;
+        size_t used = linelen + (nl ? 1 : 0);
+
+        if (p->len == 0) {
+            /* Fast path: records straight from the caller's bytes. A chunk is cut only
+             * when more than OBUF_LINE_MAX bytes of the line are known, so a line of
+             * exactly OBUF_LINE_MAX bytes stays one record with its '\n'. */
+            const char *q = data;
+            size_t k = linelen;
+            while (k > OBUF_LINE_MAX) {
+                size_t c = chunk_len(q);
+                KEEP_ERR(r, emit(b, stream, 0, q, c, NULL, 0, ts_ms));
+                b->lines[stream]++;
+                q += c;
+                k -= c;
+            }
+            if (nl) {
+                KEEP_ERR(r, emit(b, stream, OBUF_F_NL, q, k, NULL, 0, ts_ms));
+                b->lines[stream]++;
+            } else if (k > 0) {
+                if (p->buf == NULL)
+                    p->buf = xmalloc(OBUF_LINE_MAX);
+                memcpy(p->buf, q, k);
+                p->len = k;
+                p->ts_ms = ts_ms;
+            }
+        } else if (p->len + linelen <= OBUF_LINE_MAX) {
+            if (nl) {
+                KEEP_ERR(r, emit(b, stream, OBUF_F_NL, p->buf, p->len, data, linelen, p->ts_ms));
+                b->lines[stream]++;
+                p->len = 0;
+            } else {
+                memcpy(p->buf + p->len, data, linelen);
+                p->len += linelen;
+            }
+        } else {
+            /* The partial line overflows: top it up to OBUF_LINE_MAX, emit a chunk and keep
+             * the (at most 3-byte) unfinished character for the next chunk. */
+            size_t take = OBUF_LINE_MAX - p->len;
+            memcpy(p->buf + p->len, data, take);
+            size_t c = chunk_len(p->buf);
+            KEEP_ERR(r, emit(b, stream, 0, p->buf, c, NULL, 0, p->ts_ms));
+            b->lines[stream]++;
+            memmove(p->buf, p->buf + c, OBUF_LINE_MAX - c);
+            p->len = OBUF_LINE_MAX - c;
+            p->ts_ms = ts_ms;
+            used = take;
+        }
+        data += used;
+        n -= used;
+    }
+    return r;
+}
+
+int obuf_eof(struct obuf *b, int stream, int64_t ts_ms)
+{
+    if (stream != OBUF_STDOUT && stream != OBUF_STDERR)
+        return -EINVAL;
+    if (b->sealed)
+        return 0;
+    int r = emit_partial(b, stream);
+    struct partial *p = &b->part[stream];
+    free(p->buf);
+    p->buf = NULL;
+    return r;
+}
+
+int obuf_append(struct obuf *b, int stream, uint8_t flags, const char *data, size_t len,
+                int64_t ts_ms)
+{
+    if (stream != OBUF_STDOUT && stream != OBUF_STDERR)
+        return -EINVAL;
+    if (b->sealed)
+        return 0;
+    int r = emit_partial(b, stream);
+    len = MIN(len, (size_t)OBUF_LINE_MAX);
+    KEEP_ERR(r, emit(b, stream, flags, data, len, NULL, 0, ts_ms));
+    if (!(flags & OBUF_F_MARK)) {
+        b->lines[stream]++;
+        b->bytes[stream] += len + ((flags & OBUF_F_NL) ? 1 : 0);
+    }
+    return r;
+}
+
+int obuf_flush(struct obuf *b)
+{
+    return b->sealed ? 0 : flush_pending(b);
+}
+
+void obuf_seal(struct obuf *b)
+{
+    if (b->sealed)
+        return;
+    for (int s = OBUF_STDOUT; s <= OBUF_STDERR; s++) {
+        emit_partial(b, s);
+        free(b->part[s].buf);
+        b->part[s].buf = NULL;
+    }
+    flush_pending(b);
+    free(b->pending);
+    b->pending = NULL;
+    if (b->wfd >= 0) {
+        close(b->wfd);
+        b->wfd = -1;
+    }
+    b->sealed = true;
+}
+
+/* ---- reading ---- */
+
+static int read_fd(struct obuf *b)
+{
+    if (b->wfd >= 0)
+        return b->wfd;
+    if (b->rfd < 0)
+        b->rfd = open(b->path, O_RDONLY | O_CLOEXEC);
+    return b->rfd >= 0 ? b->rfd : -errno;
+}
+
+void obuf_idle(struct obuf *b)
+{
+    if (b->rfd >= 0) {
+        close(b->rfd);
+        b->rfd = -1;
+    }
+}
+
+static bool parse_hdr(const char *h, uint32_t *ret_len)
+{
+    uint32_t len;
+    memcpy(&len, h, 4);
+    if (len > OBUF_LINE_MAX || (h[4] != OBUF_STDOUT && h[4] != OBUF_STDERR))
+        return false;
+    *ret_len = len;
+    return true;
+}
+
+int obuf_read(struct obuf *b, uint64_t *cursor, char *buf, size_t cap, size_t *ret_len)
+{
+    uint64_t cur = *cursor;
+    if (cur < b->first_off) {
+        *cursor = b->first_off;
+        *ret_len = 0;
+        return OBUF_GAP;
+    }
+    if (cur > b->end_off)
+        return -EINVAL;
+    size_t want = (size_t)MIN((uint64_t)cap, b->end_off - cur);
+    if (want == 0) {
+        *ret_len = 0;
+        return 0;
+    }
+
+    size_t got = 0;
+    if (cur < b->flushed_off) {
+        size_t n = (size_t)MIN((uint64_t)want, b->flushed_off - cur);
+        int fd = read_fd(b);
+        if (fd < 0)
+            return fd;
+        int r = pread_all(fd, buf, n, cur - b->file_base);
+        if (r < 0)
+            return r;
+        got = n;
+    }
+    if (got < want) {
+        /* The rest is still in the write-behind buffer. */
+        size_t at = (size_t)(cur + got - b->flushed_off);
+        memcpy(buf + got, b->pending + at, want - got);
+        got = want;
+    }
+
+    /* Hand out whole records only; the cut one is read again next time. */
+    size_t pos = 0;
+    while (pos + OBUF_HDR_SIZE <= got) {
+        uint32_t len;
+        if (!parse_hdr(buf + pos, &len))
+            return -EIO;
+        if (pos + OBUF_HDR_SIZE + len > got)
+            break;
+        pos += OBUF_HDR_SIZE + len;
+    }
+    if (pos == 0)
+        return -ENOBUFS; /* cap below one record */
+    *cursor = cur + pos;
+    *ret_len = pos;
+    return 0;
+}
+
+bool obuf_next(const char *buf, size_t len, size_t *pos, uint64_t base_off, struct obuf_rec *ret)
+{
+    size_t p = *pos;
+    uint32_t rlen;
+    if (p + OBUF_HDR_SIZE > len)
+        return false;
+    memcpy(&rlen, buf + p, 4);
+    if (rlen > len - p - OBUF_HDR_SIZE)
+        return false;
+    ret->off = base_off + p;
+    ret->len = rlen;
+    ret->stream = (uint8_t)buf[p + 4];
+    ret->flags = (uint8_t)buf[p + 5];
+    memcpy(&ret->ts_ms, buf + p + 8, 8);
+    ret->data = buf + p + OBUF_HDR_SIZE;
+    *pos = p + OBUF_HDR_SIZE + rlen;
+    return true;
+}
+
+/* ---- lifetime and stats ---- */
+
+struct obuf *obuf_new(const char *path, uint64_t max_bytes)
+{
+    struct obuf *b = xcalloc(1, sizeof(*b));
+    b->path = xstrdup(path);
+    b->max_bytes = max_bytes;
+    b->wfd = -1;
+    b->rfd = -1;
+    b->next_seg = OBUF_SEGMENT;
+    return b;
+}
+
+void obuf_free(struct obuf *b)
+{
+    if (b == NULL)
+        return;
+    if (b->wfd >= 0)
+        close(b->wfd);
+    if (b->rfd >= 0)
+        close(b->rfd);
+    if (b->created)
+        unlink(b->path);
+    for (int s = 0; s < 3; s++)
+        free(b->part[s].buf);
+    free(b->pending);
+    free(b->bounds);
+    free(b->path);
+    free(b);
+}
+
+void obuf_get_stats(const struct obuf *b, struct obuf_stats *ret)
+{
+    memset(ret, 0, sizeof(*ret));
+    ret->first_off = b->first_off;
+    ret->end_off = b->end_off;
+    ret->dropped_bytes = b->first_off;
+    memcpy(ret->bytes, b->bytes, sizeof(ret->bytes));
+    memcpy(ret->lines, b->lines, sizeof(ret->lines));
+    ret->truncated = b->first_off > 0;
+}
+
+uint64_t obuf_retained(const struct obuf *b)
+{
+    return b->end_off - b->first_off;
+}
+
+void obuf_trim(struct obuf *b, uint64_t keep)
+{
+    drop_to(b, keep);
+}
+
+uint64_t obuf_seek_back(const struct obuf *b, uint64_t off, uint64_t window)
+{
+    off = MIN(off, b->end_off);
+    uint64_t target = off > window ? off - window : 0;
+    if (target <= b->first_off)
+        return b->first_off;
+    /* Largest known boundary <= target; the index holds one per segment, all > first_off. */
+    const uint64_t *v = b->bounds + b->bhead;
+    size_t lo = 0, hi = b->nbounds;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (v[mid] <= target)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo > 0 ? v[lo - 1] : b->first_off;
+}
