@@ -12,7 +12,7 @@ WERROR ?= -Werror
 OPT    ?= -O2 -g
 CPPFLAGS_ALL := -D_GNU_SOURCE -Isrc -I$(LLHTTP_INC)
 CFLAGS_ALL   := -std=c17 $(OPT) $(WARN) $(WERROR) -fno-strict-aliasing $(EXTRA_CFLAGS)
-LDLIBS_ALL   := -luv -ljansson
+LDLIBS_ALL   := -luv -ljansson -lm
 
 SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
@@ -86,9 +86,12 @@ test: deps $(BUILD)/sandboxd $(BUILD)/test_unit $(ASAN_DIR)/sandboxd $(ASAN_DIR)
 sdk-deps:
 	@scripts/sdk-deps.sh
 
+# Benchmark (not part of `make test`): floor + daemon, a few minutes, 127.0.0.1 only.
+# `make bench BENCH_ARGS=--quick` for a ~30 s smoke run; see bench/README.md.
+BENCH_ARGS ?=
 bench: all
 	@$(MAKE) -s -C bench
-	@python3 bench/bench.py --daemon $(BUILD)/sandboxd
+	python3 bench/bench.py --daemon $(BUILD)/sandboxd $(BENCH_ARGS)
 
 clean:
 	rm -rf $(BUILD)

@@ -113,6 +113,9 @@ struct proc_spec {
     bool keep_alive;            /* reported only */
     int dialect;                /* which API created it (opaque to the core) */
     const char *cwd_display;    /* as requested, for display; NULL: "" */
+    uint64_t memory_limit;      /* bytes; 0: none. Set on the run's memory cgroup (v1
+                                 * memory.limit_in_bytes or v2 memory.max, swap off); ignored
+                                 * without a memory cgroup */
 };
 
 /* A record. Fields above the "private" line are read-only for api/. */

@@ -1,0 +1,547 @@
+/*
+ * spawn: starts one run of a record, like glibc's posix_spawn: clone(CLONE_VM|CLONE_VFORK)
+ * on a private stack, so the daemon's memory is never copied and its size never matters.
+ *
+ * Everything that can be checked is checked in the parent first (executable lookup on the
+ * child's PATH, cwd, user), so the common errors get precise messages. What can only fail in
+ * the child (chdir races, setuid, exec) is reported through a struct in the shared memory:
+ * CLONE_VFORK suspends the parent until the child has exec'd or exited, so when clone()
+ * returns the struct is final. A failed child is reaped right here; no record is created.
+ *
+ * This file does not know records or states: it turns a proc_run_spec into a pid and fds.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <grp.h>
+#include <limits.h>
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "proc/proc_internal.h"
+
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+
+#define CHILD_OOM_SCORE_ADJ "500"
+
+/* ------------------------------------------------------------------------------------------
+ * Spec copy
+ */
+
+static char **strv_copy(char *const *v)
+{
+    size_t n = 0;
+    if (v != NULL)
+        while (v[n] != NULL)
+            n++;
+    char **r = xcalloc(n + 1, sizeof(*r));
+    for (size_t i = 0; i < n; i++)
+        r[i] = xstrdup(v[i]);
+    return r;
+}
+
+static void strv_free(char **v)
+{
+    if (v == NULL)
+        return;
+    for (size_t i = 0; v[i] != NULL; i++)
+        free(v[i]);
+    free(v);
+}
+
+/* Supplementary groups of the target user, computed in the parent (initgroups() cannot run
+ * in the child: it reads /etc/group through NSS, which allocates). */
+static int user_groups(const char *user, gid_t gid, gid_t **ret, int *ret_n)
+{
+    int n = 32;
+    gid_t *g = NULL;
+    if (user == NULL) {
+        g = xmalloc(sizeof(*g));
+        g[0] = gid;
+        *ret = g;
+        *ret_n = 1;
+        return 0;
+    }
+    for (int tries = 0; tries < 8; tries++) {
+        g = xrealloc(g, (size_t)n * sizeof(*g));
+        int m = n;
+        if (getgrouplist(user, gid, g, &m) >= 0) {
+            *ret = g;
+            *ret_n = m;
+            return 0;
+        }
+        n = m > n ? m : n * 2;
+    }
+    free(g);
+    return -ENOMEM;
+}
+
+int proc__spec_copy(const struct proc_spec *in, struct proc_run_spec *out, char *err,
+                    size_t errlen)
+{
+    extern char **environ;
+    memset(out, 0, sizeof(*out));
+    const char *file = in->file != NULL ? in->file : in->command;
+    if (file == NULL || file[0] == '\0' || in->argv == NULL || in->argv[0] == NULL) {
+        snprintf(err, errlen, "no command given");
+        return -EINVAL;
+    }
+    if (in->set_user && geteuid() != 0 && (in->uid != geteuid() || in->gid != getegid())) {
+        snprintf(err, errlen, "switching to uid %u gid %u needs the daemon to run as root",
+                 (unsigned)in->uid, (unsigned)in->gid);
+        return -EPERM;
+    }
+    out->file = xstrdup(file);
+    out->argv = strv_copy(in->argv);
+    out->env = strv_copy(in->env != NULL ? in->env : environ);
+    out->cwd = in->cwd != NULL && in->cwd[0] != '\0' ? xstrdup(in->cwd) : NULL;
+    /* Not root and already that user: nothing to switch. */
+    out->set_user = in->set_user && geteuid() == 0;
+    out->uid = in->uid;
+    out->gid = in->gid;
+    if (out->set_user) {
+        int rc = user_groups(in->user_name, in->gid, &out->groups, &out->ngroups);
+        if (rc < 0) {
+            snprintf(err, errlen, "cannot read the groups of user %s", in->user_name);
+            proc__spec_free(out);
+            return rc;
+        }
+    }
+    out->stdin_mode = in->stdin_mode;
+    out->capture_stdout = in->capture_stdout;
+    out->capture_stderr = in->capture_stderr;
+    out->kill_tree_on_exit = in->kill_tree_on_exit;
+    out->memory_limit = in->memory_limit;
+    out->backoff_initial_ms = in->backoff_initial_ms ? in->backoff_initial_ms : 1000;
+    out->backoff_max_ms = in->backoff_max_ms ? in->backoff_max_ms : 30000;
+    if (out->backoff_max_ms < out->backoff_initial_ms)
+        out->backoff_max_ms = out->backoff_initial_ms;
+    return 0;
+}
+
+void proc__spec_free(struct proc_run_spec *s)
+{
+    free(s->file);
+    strv_free(s->argv);
+    strv_free(s->env);
+    free(s->cwd);
+    free(s->groups);
+    memset(s, 0, sizeof(*s));
+}
+
+/* ------------------------------------------------------------------------------------------
+ * Checks in the parent
+ */
+
+static bool in_groups(gid_t g, const struct proc_run_spec *s)
+{
+    for (int i = 0; i < s->ngroups; i++)
+        if (s->groups[i] == g)
+            return true;
+    return false;
+}
+
+/* Would the run's user be allowed to execute this regular file? */
+static bool can_exec(const char *path, const struct stat *st, const struct proc_run_spec *s)
+{
+    if (!s->set_user)
+        return faccessat(AT_FDCWD, path, X_OK, AT_EACCESS) == 0;
+    if (s->uid == 0)
+        return (st->st_mode & 0111) != 0;
+    if (st->st_uid == s->uid)
+        return (st->st_mode & S_IXUSR) != 0;
+    if (st->st_gid == s->gid || in_groups(st->st_gid, s))
+        return (st->st_mode & S_IXGRP) != 0;
+    return (st->st_mode & S_IXOTH) != 0;
+}
+
+/* dir + "/" + name into buf; a relative result is taken relative to the child's cwd. */
+static int join_path(char *buf, size_t cap, const char *cwd, const char *dir, size_t dirlen,
+                     const char *name)
+{
+    int n;
+    if (dirlen == 0)
+        n = snprintf(buf, cap, "%s/%s", cwd ? cwd : ".", name);
+    else if (dir[0] != '/' && cwd != NULL)
+        n = snprintf(buf, cap, "%s/%.*s/%s", cwd, (int)dirlen, dir, name);
+    else
+        n = snprintf(buf, cap, "%.*s/%s", (int)dirlen, dir, name);
+    return n < 0 || (size_t)n >= cap ? -ENAMETOOLONG : 0;
+}
+
+/* 0: executable; -ENOENT: not there (or not a regular file); -EACCES: not executable. */
+static int check_candidate(const char *path, const struct proc_run_spec *s)
+{
+    struct stat st;
+    if (stat(path, &st) < 0)
+        return errno == EACCES ? -EACCES : -ENOENT;
+    if (!S_ISREG(st.st_mode))
+        return S_ISDIR(st.st_mode) ? -EACCES : -ENOENT;
+    return can_exec(path, &st, s) ? 0 : -EACCES;
+}
+
+static const char *env_get(char *const *env, const char *key)
+{
+    size_t kl = strlen(key);
+    for (size_t i = 0; env[i] != NULL; i++)
+        if (strncmp(env[i], key, kl) == 0 && env[i][kl] == '=')
+            return env[i] + kl + 1;
+    return NULL;
+}
+
+/* execvp's lookup, on the PATH of the child's environment, done in the parent. */
+static int resolve_file(const struct proc_run_spec *s, char *buf, size_t cap, char *err,
+                        size_t errlen)
+{
+    const char *file = s->file;
+    int rc;
+    if (strchr(file, '/') != NULL) {
+        if (file[0] == '/' || s->cwd == NULL) {
+            if (strlen(file) >= cap)
+                rc = -ENAMETOOLONG;
+            else {
+                memcpy(buf, file, strlen(file) + 1);
+                rc = check_candidate(buf, s);
+            }
+        } else {
+            rc = join_path(buf, cap, NULL, s->cwd, strlen(s->cwd), file);
+            if (rc == 0)
+                rc = check_candidate(buf, s);
+        }
+    } else {
+        const char *path = env_get(s->env, "PATH");
+        if (path == NULL)
+            path = "/usr/local/bin:/usr/bin:/bin";
+        bool denied = false;
+        rc = -ENOENT;
+        for (const char *p = path;; p++) {
+            const char *e = strchrnul(p, ':');
+            if (join_path(buf, cap, s->cwd, p, (size_t)(e - p), file) == 0) {
+                int r = check_candidate(buf, s);
+                if (r == 0) {
+                    rc = 0;
+                    break;
+                }
+                denied |= r == -EACCES;
+            }
+            if (*e == '\0')
+                break;
+            p = e;
+        }
+        if (rc < 0 && denied)
+            rc = -EACCES;
+    }
+    if (rc == -ENOENT)
+        snprintf(err, errlen, "command not found: %s", file);
+    else if (rc == -EACCES)
+        snprintf(err, errlen, "permission denied: %s", file);
+    else if (rc < 0)
+        snprintf(err, errlen, "cannot execute %s: %s", file, strerror(-rc));
+    return rc;
+}
+
+static int check_cwd(const struct proc_run_spec *s, char *err, size_t errlen)
+{
+    struct stat st;
+    if (s->cwd == NULL)
+        return 0;
+    if (stat(s->cwd, &st) < 0) {
+        int e = errno;
+        if (e == ENOENT)
+            snprintf(err, errlen, "working directory does not exist: %s", s->cwd);
+        else if (e == ENOTDIR)
+            snprintf(err, errlen, "working directory is not a directory: %s", s->cwd);
+        else
+            snprintf(err, errlen, "working directory %s: %s", s->cwd, strerror(e));
+        return -e;
+    }
+    if (!S_ISDIR(st.st_mode)) {
+        snprintf(err, errlen, "working directory is not a directory: %s", s->cwd);
+        return -ENOTDIR;
+    }
+    return 0;
+}
+
+int proc__fd_above_stdio(int fd)
+{
+    if (fd < 0 || fd > 2)
+        return fd;
+    int nfd = fcntl(fd, F_DUPFD_CLOEXEC, 3);
+    int e = errno;
+    close(fd);
+    return nfd < 0 ? -e : nfd;
+}
+
+/* pipe2(O_CLOEXEC) with both ends above 2, so the child's dup2 onto 0-2 never collides. */
+static int make_pipe(int fds[2])
+{
+    if (pipe2(fds, O_CLOEXEC) < 0) {
+        fds[0] = fds[1] = -1;
+        return -errno;
+    }
+    int r0 = proc__fd_above_stdio(fds[0]);
+    int r1 = proc__fd_above_stdio(fds[1]);
+    if (r0 < 0 || r1 < 0) {
+        if (r0 >= 0)
+            close(r0);
+        if (r1 >= 0)
+            close(r1);
+        fds[0] = fds[1] = -1;
+        return r0 < 0 ? r0 : r1;
+    }
+    fds[0] = r0;
+    fds[1] = r1;
+    return 0;
+}
+
+static void close_fd(int *fd)
+{
+    if (*fd >= 0)
+        close(*fd);
+    *fd = -1;
+}
+
+/* ------------------------------------------------------------------------------------------
+ * The child
+ *
+ * Runs on the private stack in the daemon's address space until execve. It may only make
+ * raw system calls: no malloc, no stdio, no libc wrapper that takes locks or (like setuid)
+ * signals other threads, and nothing ASan intercepts. Every handler is reset to SIG_DFL
+ * before the mask (blocked by the parent) is cleared, so no daemon handler can run here.
+ */
+
+enum child_stage {
+    CHILD_OK = 0,
+    CHILD_SETSID,
+    CHILD_CGROUP,
+    CHILD_DUP,
+    CHILD_GROUPS,
+    CHILD_GID,
+    CHILD_UID,
+    CHILD_CHDIR,
+    CHILD_EXEC,
+};
+
+struct child_args {
+    const char *path;
+    char *const *argv;
+    char *const *envp;
+    const char *cwd;
+    int fd[3];                /* become 0, 1, 2; all >= 3 */
+    int cg_fd[2];             /* cgroup.procs files to join, -1: none */
+    bool set_user;
+    uid_t uid;
+    gid_t gid;
+    const gid_t *groups;
+    size_t ngroups;
+    volatile int stage;       /* written by the child on failure */
+    volatile int err;
+};
+
+#define CHILD_FN __attribute__((no_sanitize("address", "undefined"), noinline))
+
+CHILD_FN __attribute__((noreturn)) static void child_fail(struct child_args *a, int stage)
+{
+    a->err = errno;
+    a->stage = stage;
+    for (;;)
+        syscall(SYS_exit, 127);
+}
+
+CHILD_FN static int child_main(void *arg)
+{
+    struct child_args *a = arg;
+    /* A zeroed kernel struct sigaction is {SIG_DFL, no flags, empty mask} on every layout. */
+    static const unsigned long act[8];
+    static const unsigned long mask[2];
+
+    for (int sig = 1; sig < NSIG; sig++)
+        if (sig != SIGKILL && sig != SIGSTOP)
+            syscall(SYS_rt_sigaction, sig, act, NULL, NSIG / 8);
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, mask, NULL, NSIG / 8);
+
+    if (syscall(SYS_setsid) < 0)
+        child_fail(a, CHILD_SETSID);
+    for (int i = 0; i < 2; i++)
+        if (a->cg_fd[i] >= 0 && syscall(SYS_write, a->cg_fd[i], "0", 1) != 1)
+            child_fail(a, CHILD_CGROUP);
+
+    /* The kernel's OOM killer should prefer the workload over the daemon. */
+    long fd = syscall(SYS_openat, AT_FDCWD, "/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        syscall(SYS_write, fd, CHILD_OOM_SCORE_ADJ, sizeof(CHILD_OOM_SCORE_ADJ) - 1);
+        syscall(SYS_close, fd);
+    }
+
+    for (int i = 0; i < 3; i++)
+        if (syscall(SYS_dup3, a->fd[i], i, 0) < 0)
+            child_fail(a, CHILD_DUP);
+    /* Everything of the daemon's is O_CLOEXEC already; this also catches fds opened
+     * without it by libraries. ENOSYS on old kernels is fine for that reason. */
+    syscall(SYS_close_range, 3U, ~0U, 0U);
+
+    if (a->set_user) {
+        if (syscall(SYS_setgroups, a->ngroups, a->groups) < 0)
+            child_fail(a, CHILD_GROUPS);
+        if (syscall(SYS_setresgid, a->gid, a->gid, a->gid) < 0)
+            child_fail(a, CHILD_GID);
+        if (syscall(SYS_setresuid, a->uid, a->uid, a->uid) < 0)
+            child_fail(a, CHILD_UID);
+    }
+    /* After the id switch, so the user's own permissions apply to the directory. */
+    if (a->cwd != NULL && syscall(SYS_chdir, a->cwd) < 0)
+        child_fail(a, CHILD_CHDIR);
+    syscall(SYS_execve, a->path, a->argv, a->envp);
+    child_fail(a, CHILD_EXEC);
+}
+
+static void child_error(const struct child_args *a, const struct proc_run_spec *s, char *err,
+                        size_t errlen)
+{
+    int e = a->err;
+    switch (a->stage) {
+    case CHILD_EXEC:
+        if (e == ENOENT)
+            snprintf(err, errlen, "command not found: %s", s->file);
+        else if (e == EACCES)
+            snprintf(err, errlen, "permission denied: %s", s->file);
+        else
+            snprintf(err, errlen, "cannot execute %s: %s", s->file, strerror(e));
+        break;
+    case CHILD_CHDIR:
+        if (e == ENOENT)
+            snprintf(err, errlen, "working directory does not exist: %s", s->cwd);
+        else if (e == ENOTDIR)
+            snprintf(err, errlen, "working directory is not a directory: %s", s->cwd);
+        else if (e == EACCES)
+            snprintf(err, errlen, "permission denied: working directory %s", s->cwd);
+        else
+            snprintf(err, errlen, "working directory %s: %s", s->cwd, strerror(e));
+        break;
+    case CHILD_GROUPS:
+    case CHILD_GID:
+    case CHILD_UID:
+        snprintf(err, errlen, "cannot switch to uid %u gid %u: %s", (unsigned)s->uid,
+                 (unsigned)s->gid, strerror(e));
+        break;
+    case CHILD_CGROUP:
+        snprintf(err, errlen, "cannot join the process cgroup: %s", strerror(e));
+        break;
+    default:
+        snprintf(err, errlen, "spawn failed (%s): %s",
+                 a->stage == CHILD_SETSID ? "setsid" : "dup2", strerror(e));
+        break;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------
+ * proc__spawn
+ */
+
+int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc_child *ret,
+                char *err, size_t errlen)
+{
+    char path[PATH_MAX];
+    int in[2] = {-1, -1}, out[2] = {-1, -1}, errp[2] = {-1, -1};
+    int cg_fd[2] = {-1, -1};
+    struct proc_cg *cg = NULL;
+    struct child_args a;
+    sigset_t all, old;
+    pid_t pid;
+    int rc;
+
+    if ((rc = resolve_file(s, path, sizeof(path), err, errlen)) < 0)
+        return rc;
+    if ((rc = check_cwd(s, err, errlen)) < 0)
+        return rc;
+
+    if ((s->stdin_mode == PROC_STDIN_PIPE && (rc = make_pipe(in)) < 0) ||
+        (s->capture_stdout && (rc = make_pipe(out)) < 0) ||
+        (s->capture_stderr && (rc = make_pipe(errp)) < 0)) {
+        snprintf(err, errlen, "cannot create pipes: %s", strerror(-rc));
+        goto fail;
+    }
+
+    cg = proc__cg_acquire(t, s->memory_limit);
+    if (cg != NULL && proc__cg_open_procs(cg, cg_fd) < 0) {
+        /* Without its cgroup the run still works, tracked by its process group. */
+        proc__cg_release(t, cg, false);
+        cg = NULL;
+    }
+
+    memset(&a, 0, sizeof(a));
+    a.path = path;
+    a.argv = s->argv;
+    a.envp = s->env;
+    a.cwd = s->cwd;
+    a.fd[0] = in[0] >= 0 ? in[0] : t->devnull;
+    a.fd[1] = out[1] >= 0 ? out[1] : t->devnull;
+    a.fd[2] = errp[1] >= 0 ? errp[1] : t->devnull;
+    a.cg_fd[0] = cg_fd[0];
+    a.cg_fd[1] = cg_fd[1];
+    a.set_user = s->set_user;
+    a.uid = s->uid;
+    a.gid = s->gid;
+    a.groups = s->groups;
+    a.ngroups = (size_t)s->ngroups;
+
+    /* All signals blocked across clone: the child shares our memory and must not run a
+     * daemon handler (libuv's writes into its signal pipe) before it has reset them. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    pid = clone(child_main, (char *)t->stack + PROC_STACK_SIZE, CLONE_VM | CLONE_VFORK | SIGCHLD,
+                &a);
+    int clone_errno = errno;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+
+    close_fd(&in[0]);
+    close_fd(&out[1]);
+    close_fd(&errp[1]);
+    close_fd(&cg_fd[0]);
+    close_fd(&cg_fd[1]);
+
+    if (pid < 0) {
+        rc = -clone_errno;
+        snprintf(err, errlen, "cannot spawn: %s", strerror(clone_errno));
+        goto fail;
+    }
+    if (a.stage != CHILD_OK) {
+        int st;
+        /* The child has exited already (vfork semantics): this does not block. Reaping it
+         * here, not in the SIGCHLD handler, keeps failed starts invisible. */
+        while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
+            ;
+        child_error(&a, s, err, errlen);
+        rc = a.err > 0 ? -a.err : -EIO;
+        goto fail;
+    }
+
+    ret->pid = pid;
+    ret->fd_stdin = in[1];
+    ret->fd_stdout = out[0];
+    ret->fd_stderr = errp[0];
+    ret->cg = cg;
+    return 0;
+
+fail:
+    close_fd(&in[0]);
+    close_fd(&in[1]);
+    close_fd(&out[0]);
+    close_fd(&out[1]);
+    close_fd(&errp[0]);
+    close_fd(&errp[1]);
+    close_fd(&cg_fd[0]);
+    close_fd(&cg_fd[1]);
+    if (cg != NULL)
+        proc__cg_release(t, cg, false);
+    return rc;
+}
