@@ -17,8 +17,6 @@
  * memory goes in the last close_cb. Calls that arrive while a handler may be on the stack
  * (a failed uv_write inside http_stream_write) only schedule the close (HTTP_T_CLOSE).
  */
-#include <assert.h>
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
