@@ -181,6 +181,12 @@ int main(int argc, char **argv)
     }
     if (token != NULL && token[0] == '\0')
         token = NULL;
+    if (token != NULL) {
+        /* Keep the secret out of every child's environment (and /proc/<pid>/environ of
+         * whatever they exec): copy it, then drop the variable. */
+        token = xstrdup(token);
+        unsetenv("SANDBOXD_TOKEN");
+    }
     if (parse_listen(listen, host, sizeof(host), &port) < 0) {
         fprintf(stderr, "sandboxd: bad --listen address: %s (want HOST:PORT)\n", listen);
         return 2;

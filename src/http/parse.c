@@ -180,6 +180,8 @@ static int on_headers_complete(llhttp_t *ll)
     size_t path_at = (size_t)(path - p->hbuf.buf);
     size_t query_at = path_at + path_len < target_len ? path_at + path_len + 1 : 0;
     size_t copy_at = p->hbuf.len;
+    /* Grow first: appending hbuf to itself must not read from a buffer realloc freed. */
+    sbuf_reserve(&p->hbuf, path_len + 2);
     if (path_len == 0)
         sbuf_append(&p->hbuf, "/", 1);
     else

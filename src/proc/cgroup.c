@@ -33,6 +33,7 @@
 #include "proc/proc_internal.h"
 
 #define POOL_MAX 16
+#define HOT_MAX 128     /* dirs that keep 4 fds open each */
 #define POOL_PREFILL 2
 #define RETRY_MIN_MS 10
 #define RETRY_MAX_MS 1000
@@ -385,8 +386,48 @@ int proc__cg_init(struct proc_table *t)
  * Run dirs
  */
 
-static void cg_free(struct proc_cg *c)
+static void close_fds(struct proc_table *t, struct proc_cg *c)
 {
+    int *fds[4] = {&c->fd_procs[0], &c->fd_procs[1], &c->fd_events, &c->fd_oom};
+    for (int i = 0; i < 4; i++) {
+        if (*fds[i] >= 0)
+            close(*fds[i]);
+        *fds[i] = -1;
+    }
+    if (c->hot)
+        t->cg.nhot--;
+    c->hot = false;
+}
+
+static int open_in(const char *dir, const char *file, int flags)
+{
+    char path[PATH_MAX];
+    if (dir == NULL || (size_t)snprintf(path, sizeof(path), "%s/%s", dir, file) >= sizeof(path))
+        return -1;
+    return open(path, flags | O_CLOEXEC);
+}
+
+/* Keeps the files touched on every run open, while few dirs do so. */
+static void open_fds(struct proc_table *t, struct proc_cg *c)
+{
+    if (t->cg.nhot >= HOT_MAX)
+        return;
+    c->fd_procs[0] = open_in(c->v2, "cgroup.procs", O_WRONLY);
+    c->fd_procs[1] = c->mem != c->v2 ? open_in(c->mem, "cgroup.procs", O_WRONLY) : -1;
+    c->fd_events = open_in(c->v2, "cgroup.events", O_RDONLY);
+    c->fd_oom = open_in(c->mem, t->cg.mem_is_v2 ? "memory.events" : "memory.oom_control",
+                        O_RDONLY);
+    c->hot = true;
+    t->cg.nhot++;
+    if ((c->v2 != NULL && (c->fd_procs[0] < 0 || c->fd_events < 0)) ||
+        (c->mem != NULL && c->mem != c->v2 && c->fd_procs[1] < 0) ||
+        (c->mem != NULL && c->fd_oom < 0))
+        close_fds(t, c); /* all or nothing: paths are used instead */
+}
+
+static void cg_free(struct proc_table *t, struct proc_cg *c)
+{
+    close_fds(t, c);
     if (c->owner != NULL && c->owner->priv->cg == c)
         c->owner->priv->cg = NULL;
     if (c->mem != c->v2)
@@ -400,6 +441,7 @@ static struct proc_cg *cg_create(struct proc_table *t)
     struct proc_cgroups *g = &t->cg;
     struct proc_cg *c = xcalloc(1, sizeof(*c));
     list_init(&c->link);
+    c->fd_procs[0] = c->fd_procs[1] = c->fd_events = c->fd_oom = -1;
     uint64_t n = ++g->seq;
     if (g->v2_base != NULL) {
         c->v2 = xasprintf("%s/c%llu", g->v2_base, (unsigned long long)n);
@@ -413,13 +455,14 @@ static struct proc_cg *cg_create(struct proc_table *t)
         if (mkdir(c->mem, 0755) < 0 && errno != EEXIST)
             goto fail;
     }
+    open_fds(t, c);
     return c;
 fail:
     if (c->v2 != NULL)
         rmdir(c->v2);
     if (c->mem != NULL && c->mem != c->v2)
         rmdir(c->mem);
-    cg_free(c);
+    cg_free(t, c);
     return NULL;
 }
 
@@ -457,26 +500,48 @@ struct proc_cg *proc__cg_acquire(struct proc_table *t, uint64_t memory_limit)
     return c;
 }
 
-int proc__cg_open_procs(const struct proc_cg *c, int ret_fds[2])
+int proc__cg_procs_fds(const struct proc_cg *c, int ret_fds[2])
 {
     const char *dirs[2] = {c->v2, c->mem != c->v2 ? c->mem : NULL};
-    char path[PATH_MAX];
     ret_fds[0] = ret_fds[1] = -1;
+    if (c->hot) {
+        ret_fds[0] = c->fd_procs[0];
+        ret_fds[1] = c->fd_procs[1];
+        return 0;
+    }
     for (int i = 0; i < 2; i++) {
         if (dirs[i] == NULL)
             continue;
-        snprintf(path, sizeof(path), "%s/cgroup.procs", dirs[i]);
-        int fd = open(path, O_WRONLY | O_CLOEXEC);
-        if (fd < 0) {
+        if ((ret_fds[i] = open_in(dirs[i], "cgroup.procs", O_WRONLY)) < 0) {
             int rc = -errno;
             if (ret_fds[0] >= 0)
                 close(ret_fds[0]);
             ret_fds[0] = -1;
             return rc;
         }
-        ret_fds[i] = fd;
     }
     return 0;
+}
+
+void proc__cg_procs_done(const struct proc_cg *c, int fds[2])
+{
+    for (int i = 0; i < 2; i++) {
+        if (!c->hot && fds[i] >= 0)
+            close(fds[i]);
+        fds[i] = -1;
+    }
+}
+
+/* Reads a control file through the kept fd (pread at 0 regenerates it) or by path. */
+static int read_ctl(int fd, const char *dir, const char *file, char *buf, size_t cap)
+{
+    if (fd < 0)
+        return read_in(dir, file, buf, cap);
+    ssize_t n = pread(fd, buf, cap - 1, 0);
+    if (n < 0)
+        return -errno;
+    buf[n] = '\0';
+    return (int)n;
 }
 
 static bool populated(const struct proc_cg *c)
@@ -484,7 +549,7 @@ static bool populated(const struct proc_cg *c)
     char buf[256];
     uint64_t v = 0;
     if (c->v2 != NULL)
-        return read_in(c->v2, "cgroup.events", buf, sizeof(buf)) > 0 &&
+        return read_ctl(c->fd_events, c->v2, "cgroup.events", buf, sizeof(buf)) > 0 &&
                keyed_value(buf, "populated", &v) && v != 0;
     if (c->mem != NULL)
         return read_in(c->mem, "cgroup.procs", buf, sizeof(buf)) > 0;
@@ -512,6 +577,7 @@ int proc__cg_pids(const struct proc_cg *c, pid_t **ret)
         sb.len += (size_t)n;
     }
     close(fd);
+    *sbuf_reserve(&sb, 1) = '\0';
     size_t cap = 16, n = 0;
     pid_t *pids = xmalloc(cap * sizeof(*pids));
     for (char *p = sb.buf; p != NULL && *p != '\0';) {
@@ -561,8 +627,8 @@ bool proc__cg_oom(const struct proc_table *t, const struct proc_cg *c)
     if (c == NULL || c->mem == NULL)
         return false;
     const char *file = t->cg.mem_is_v2 ? "memory.events" : "memory.oom_control";
-    return read_in(c->mem, file, buf, sizeof(buf)) > 0 && keyed_value(buf, "oom_kill", &v) &&
-           v > 0;
+    return read_ctl(c->fd_oom, c->mem, file, buf, sizeof(buf)) > 0 &&
+           keyed_value(buf, "oom_kill", &v) && v > 0;
 }
 
 static void detach(struct proc_cg *c)
@@ -572,12 +638,10 @@ static void detach(struct proc_cg *c)
     c->owner = NULL;
 }
 
-/* Pools or removes an empty dir. False while something still lives in it. */
-static bool try_remove(struct proc_table *t, struct proc_cg *c)
+/* Pools or removes a dir known to be empty. False if it turned out busy. */
+static bool remove_empty(struct proc_table *t, struct proc_cg *c)
 {
     struct proc_cgroups *g = &t->cg;
-    if (populated(c))
-        return false;
     if (!c->limited && g->npool < POOL_MAX && !t->shutting_down && !t->freeing &&
         !proc__cg_oom(t, c)) {
         detach(c);
@@ -585,6 +649,7 @@ static bool try_remove(struct proc_table *t, struct proc_cg *c)
         g->npool++;
         return true;
     }
+    close_fds(t, c); /* open files do not keep a cgroup busy, but no need for them now */
     if (c->v2 != NULL) {
         if (rmdir_tree(c->v2, 0) < 0)
             return false;
@@ -600,8 +665,14 @@ static bool try_remove(struct proc_table *t, struct proc_cg *c)
         c->mem = NULL;
     }
     detach(c);
-    cg_free(c);
+    cg_free(t, c);
     return true;
+}
+
+/* Pools or removes an empty dir. False while something still lives in it. */
+static bool try_remove(struct proc_table *t, struct proc_cg *c)
+{
+    return !populated(c) && remove_empty(t, c);
 }
 
 static void on_retry(uv_timer_t *h);
@@ -647,18 +718,25 @@ static void on_retry(uv_timer_t *h)
 
 void proc__cg_release(struct proc_table *t, struct proc_cg *c, bool kill_leftovers)
 {
-    if (kill_leftovers && populated(c))
+    bool busy = populated(c);
+    if (busy && kill_leftovers)
         proc__cg_kill(t, c, SIGKILL);
-    if (!try_remove(t, c))
+    if (busy || !remove_empty(t, c))
         linger_add(t, c);
 }
 
 void proc__cg_signal_lingering(struct proc_table *t, int sig)
 {
+    struct proc_cgroups *g = &t->cg;
     struct list *pos;
-    list_foreach(pos, &t->cg.linger)
+    list_foreach(pos, &g->linger)
     {
         proc__cg_kill(t, container_of(pos, struct proc_cg, link), sig);
+    }
+    if (sig == SIGKILL && g->nlinger > 0) {
+        /* they are about to be empty: look again soon, not after the backed-off delay */
+        g->retry_ms = RETRY_MIN_MS;
+        uv_timer_start(&g->timer, on_retry, g->retry_ms, 0);
     }
 }
 
@@ -689,7 +767,7 @@ void proc__cg_fini(struct proc_table *t)
             rmdir_tree(c->v2, 0);
         if (c->mem != NULL && c->mem != c->v2)
             rmdir_tree(c->mem, 0);
-        cg_free(c);
+        cg_free(t, c);
     }
     struct list *pos, *tmp;
     list_foreach_safe(pos, tmp, &g->linger)
@@ -740,7 +818,7 @@ void proc__cg_close(struct proc_table *t)
         list_remove(&c->link);
         g->nlinger--;
         detach(c);
-        cg_free(c);
+        cg_free(t, c);
     }
     uv_close((uv_handle_t *)&g->timer, on_timer_close);
     free(g->own_v2);

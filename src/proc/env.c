@@ -47,7 +47,8 @@ char **proc_env_build(const char *const *keys, const char *const *vals, size_t n
 
     for (size_t i = 0; i < nenv; i++) {
         const char *e = environ[i];
-        if (strchr(e, '=') == NULL || in_keys(e, keys, n))
+        /* The daemon's own secret never reaches a workload, whoever forgot to unset it. */
+        if (strchr(e, '=') == NULL || in_keys(e, keys, n) || key_is(e, "SANDBOXD_TOKEN"))
             continue;
         if (set_ids && (key_is(e, "HOME") || (user != NULL && (key_is(e, "USER") ||
                                                                  key_is(e, "LOGNAME")))))

@@ -630,8 +630,11 @@ static void run_started(struct proc *p, const struct proc_child *c)
         pv->pipes[1] = open_pipe(p, OBUF_STDOUT, c->fd_stdout);
     if (c->fd_stderr >= 0)
         pv->pipes[2] = open_pipe(p, OBUF_STDERR, c->fd_stderr);
-    if (p->timeout_ms > 0)
+    if (p->timeout_ms > 0) {
+        /* The loop's cached time may be well behind (a long iteration): count from now. */
+        uv_update_time(p->table->loop);
         uv_timer_start(&pv->timeout_timer, on_timeout, p->timeout_ms, 0);
+    }
 }
 
 static void on_leader_exit(struct proc *p, int status)
@@ -676,8 +679,13 @@ static void end_drain_phase1(struct proc *p)
 {
     struct proc_priv *pv = p->priv;
     bool kill_rest = pv->spec.kill_tree_on_exit || p->cause != PROC_CAUSE_NONE;
+    /* A stop's grace belongs to the whole tree: its kill_timer delivers the KILL (and moves
+     * to phase 2), even after DONE. */
+    bool stop_pending = uv_is_active((uv_handle_t *)&pv->kill_timer);
     if (captures_closed(p)) {
-        finish_run(p, kill_rest);
+        finish_run(p, kill_rest && !stop_pending);
+    } else if (stop_pending) {
+        return;
     } else if (kill_rest) {
         kill_tree(p, SIGKILL);
         pv->drain_phase = 2;
@@ -753,6 +761,7 @@ static void to_done(struct proc *p)
         pv->kill_timer_open = false;
         close_timer(p, &pv->kill_timer);
     }
+    proc__spec_free(&pv->spec); /* no run will follow; ended records stay small */
     t->n_live--;
     t->n_done++;
     if (t->n_live == 0)
@@ -789,8 +798,11 @@ static void stop_run(struct proc *p, uint32_t grace_ms, enum proc_cause cause)
         set_state(p, PROC_STOPPING);
     }
     kill_tree(p, SIGTERM);
-    if (!uv_is_active((uv_handle_t *)&pv->kill_timer))
+    kill_tree(p, SIGCONT); /* a stopped process could not act on the TERM */
+    if (!uv_is_active((uv_handle_t *)&pv->kill_timer)) {
+        uv_update_time(p->table->loop);
         uv_timer_start(&pv->kill_timer, on_kill_timer, grace_ms, 0);
+    }
 }
 
 /* ------------------------------------------------------------------------------------------

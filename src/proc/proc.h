@@ -175,7 +175,8 @@ int proc_table_new(uv_loop_t *loop, const struct proc_config *cfg, struct proc_t
  * done_cb once nothing of ours is left alive. Removes the daemon's cgroups. */
 void proc_table_shutdown(struct proc_table *t, void (*done_cb)(void *arg), void *arg);
 
-/* Frees the table and every record (after shutdown completed). */
+/* Frees the table and every record (after shutdown completed). Handles are closed here; their
+ * memory goes in the close callbacks, so run the loop once more before uv_loop_close(). */
 void proc_table_free(struct proc_table *t);
 
 /* Starts a process. On failure returns a negative errno and writes a human-readable reason
@@ -229,8 +230,9 @@ void proc_mark(struct proc *p, int stream, const char *text);
  * tree. Fills ports (up to max), returns count or negative errno. */
 int proc_tree_ports(struct proc *p, uint16_t *ports, int max);
 
-/* Builds a NULL-terminated environment: the daemon's environ with keys[i]=vals[i] set over it
- * (n pairs), plus HOME/USER/LOGNAME of pw_name/pw_dir when home != NULL and not given.
+/* Builds a NULL-terminated environment: the daemon's environ (without SANDBOXD_TOKEN) with
+ * keys[i]=vals[i] set over it (n pairs; the last of duplicate keys wins), plus
+ * HOME/USER/LOGNAME of pw_name/pw_dir when home != NULL and not given.
  * Returns a heap vector (free with proc_env_free). */
 char **proc_env_build(const char *const *keys, const char *const *vals, size_t n,
                       const char *user, const char *home);

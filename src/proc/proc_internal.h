@@ -41,6 +41,10 @@ struct proc_cg {
     char *mem;          /* memory dir: a v1 dir, or == v2 in pure v2; NULL if none */
     struct proc *owner; /* record whose tree lives (or lived) here; NULL when pooled */
     bool limited;       /* a memory limit was written: never reused */
+    bool hot;           /* holds the fds below (kernfs opens cost more than the reads) */
+    int fd_procs[2];    /* cgroup.procs of v2 and of the v1 memory dir (O_WRONLY), or -1 */
+    int fd_events;      /* v2 cgroup.events, or -1 */
+    int fd_oom;         /* memory.oom_control (v1) / memory.events (v2), or -1 */
 };
 
 struct proc_cgroups {
@@ -51,6 +55,7 @@ struct proc_cgroups {
     bool mem_is_v2;       /* the v2 dirs carry the memory controller */
     bool moved_self;      /* pure v2: the daemon moved itself into v2_base/daemon */
     bool has_kill;        /* cgroup.kill exists */
+    unsigned nhot;        /* dirs holding their fds (bounded) */
     struct list pool;     /* empty, clean dirs ready for reuse */
     unsigned npool;
     struct list linger;   /* released dirs still populated (or busy) */
@@ -70,8 +75,10 @@ void proc__cg_fini(struct proc_table *t);
 void proc__cg_close(struct proc_table *t);
 /* A dir pair for a new run (from the pool when possible). NULL: no cgroups for this run. */
 struct proc_cg *proc__cg_acquire(struct proc_table *t, uint64_t memory_limit);
-/* Opens the cgroup.procs files the child writes "0" into; ret_fds[i] = -1 when unused. */
-int proc__cg_open_procs(const struct proc_cg *cg, int ret_fds[2]);
+/* The cgroup.procs fds the child writes "0" into (ret_fds[i] = -1 when unused); give them
+ * back with proc__cg_procs_done() (which closes them unless the dir keeps them open). */
+int proc__cg_procs_fds(const struct proc_cg *cg, int ret_fds[2]);
+void proc__cg_procs_done(const struct proc_cg *cg, int fds[2]);
 /* The run is over: kill leftovers if asked (and any remain), then pool or remove the dirs
  * once empty (retrying on a timer). cg->owner keeps pointing at the record until then. */
 void proc__cg_release(struct proc_table *t, struct proc_cg *cg, bool kill_leftovers);

@@ -472,7 +472,7 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     }
 
     cg = proc__cg_acquire(t, s->memory_limit);
-    if (cg != NULL && proc__cg_open_procs(cg, cg_fd) < 0) {
+    if (cg != NULL && proc__cg_procs_fds(cg, cg_fd) < 0) {
         /* Without its cgroup the run still works, tracked by its process group. */
         proc__cg_release(t, cg, false);
         cg = NULL;
@@ -506,8 +506,8 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     close_fd(&in[0]);
     close_fd(&out[1]);
     close_fd(&errp[1]);
-    close_fd(&cg_fd[0]);
-    close_fd(&cg_fd[1]);
+    if (cg != NULL)
+        proc__cg_procs_done(cg, cg_fd);
 
     if (pid < 0) {
         rc = -clone_errno;
@@ -539,9 +539,9 @@ fail:
     close_fd(&out[1]);
     close_fd(&errp[0]);
     close_fd(&errp[1]);
-    close_fd(&cg_fd[0]);
-    close_fd(&cg_fd[1]);
-    if (cg != NULL)
+    if (cg != NULL) {
+        proc__cg_procs_done(cg, cg_fd);
         proc__cg_release(t, cg, false);
+    }
     return rc;
 }
