@@ -59,17 +59,17 @@ void api_handle(struct http_req *r, void *arg)
     http_reply_error(r, 404, "NOT_FOUND", "no such route: %s", r->path);
 }
 
-json_t *api_parse_object(struct http_req *r)
+json_t *api_parse_object(struct http_req *r, int shape_status)
 {
     json_error_t jerr;
-    json_t *root = json_loadb(r->body != NULL ? r->body : "", r->body_len, 0, &jerr);
+    json_t *root = json_loadb(r->body != NULL ? r->body : "", r->body_len, JSON_DECODE_ANY, &jerr);
     if (root == NULL) {
         http_reply_error(r, 400, "INVALID_JSON", "invalid JSON body: %s", jerr.text);
         return NULL;
     }
     if (!json_is_object(root)) {
         json_decref(root);
-        http_reply_error(r, 422, "INVALID_REQUEST", "the body must be a JSON object");
+        http_reply_error(r, shape_status, "INVALID_REQUEST", "the body must be a JSON object");
         return NULL;
     }
     return root;

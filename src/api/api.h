@@ -40,9 +40,9 @@ bool api_blaxel_route(struct app *app, struct http_req *r);
 
 /* ---- helpers shared by the dialects (api.c) ---- */
 
-/* Parses the body as a JSON object. On failure answers 400 INVALID_JSON (or 422 if it is
- * valid JSON but not an object) and returns NULL. */
-json_t *api_parse_object(struct http_req *r);
+/* Parses the body as a JSON object. On failure answers 400 INVALID_JSON, or shape_status
+ * (Tensorlake 422, Blaxel 400) if it is valid JSON but not an object, and returns NULL. */
+json_t *api_parse_object(struct http_req *r, int shape_status);
 
 /* Maps a proc_start() error to an HTTP answer {"error": msg, "code": ...}. */
 void api_reply_spawn_error(struct http_req *r, int err, const char *msg);

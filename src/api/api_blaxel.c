@@ -664,7 +664,7 @@ static void h_exec(struct app *app, struct http_req *r)
     json_t *o;
     int rc;
 
-    if ((o = api_parse_object(r)) == NULL)
+    if ((o = api_parse_object(r, 400)) == NULL)
         return;
     memset(&q, 0, sizeof(q));
     if (parse_exec(o, &q, err, sizeof(err)) < 0) {

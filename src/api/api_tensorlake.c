@@ -298,7 +298,7 @@ static struct proc *start_from_request(struct app *app, struct http_req *r, bool
     json_t *o;
     int rc;
 
-    if ((o = api_parse_object(r)) == NULL)
+    if ((o = api_parse_object(r, 422)) == NULL)
         return NULL;
     if (parse_start(o, &q, run, err, sizeof(err)) < 0) {
         http_reply_error(r, 422, "INVALID_REQUEST", "%s", err);
@@ -422,9 +422,23 @@ static void sse_rec(struct ostream *s, const struct obuf_rec *rec, struct sbuf *
         sse_line(sb, rec->data, line_len(rec), rec->ts_ms, rec->stream);
 }
 
-static void sse_gap(struct ostream *s, uint64_t dropped, struct sbuf *sb)
+/* Child bytes of the stream(s) c shows that the budget dropped. */
+static uint64_t dropped_for(const struct out_ctx *c, const struct obuf_stats *st)
+{
+    if (c->stream == OBUF_STDOUT)
+        return st->dropped_out;
+    if (c->stream == OBUF_STDERR)
+        return st->dropped_err;
+    return st->dropped_out + st->dropped_err;
+}
+
+static void sse_gap(struct ostream *s, uint64_t log_bytes, struct sbuf *sb)
 {
     struct out_ctx *c = ostream_ctx(s);
+    struct obuf_stats st;
+    (void)log_bytes;
+    obuf_get_stats(ostream_proc(s)->out, &st);
+    uint64_t dropped = dropped_for(c, &st);
     sbuf_append(sb, "data: {\"line\":\"[sandboxd: ", 26);
     put_u64(sb, dropped);
     sbuf_puts(sb, " bytes of earlier output were dropped]\",\"timestamp\":");
@@ -556,7 +570,7 @@ static void lines_end(struct ostream *s, struct sbuf *sb)
     sbuf_puts(sb, "],\"line_count\":");
     put_u64(sb, c->count);
     sbuf_printf(sb, ",\"truncated\":%s,\"dropped_bytes\":", st.truncated ? "true" : "false");
-    put_u64(sb, st.dropped_bytes);
+    put_u64(sb, dropped_for(c, &st));
     sbuf_putc(sb, '}');
     out_ctx_free(s);
 }
@@ -636,7 +650,7 @@ static void h_run(struct app *app, struct http_req *r)
 
 static void h_signal(struct app *app, struct http_req *r, struct proc *p)
 {
-    json_t *o = api_parse_object(r), *v;
+    json_t *o = api_parse_object(r, 422), *v;
     (void)app;
     if (o == NULL)
         return;

@@ -34,6 +34,11 @@ struct partial {
     int64_t ts_ms;  /* capture time of the line's first byte */
 };
 
+/* Child bytes per stream (index OBUF_STDOUT/OBUF_STDERR), '\n' included. */
+struct raw_count {
+    uint64_t n[3];
+};
+
 struct obuf {
     char *path;
     uint64_t max_bytes;
@@ -57,11 +62,14 @@ struct obuf {
     /* Record boundaries usable as drop points: the first record starting in each segment
      * after first_off's, oldest first, in bounds[bhead..bhead+nbounds). */
     uint64_t *bounds;
+    struct raw_count *braw;   /* parallel to bounds: child bytes logged before each bound */
     size_t bhead, nbounds, bcap;
     uint64_t next_seg;    /* a record starting at or after this opens a new segment */
 
     uint64_t bytes[3];
     uint64_t lines[3];
+    struct raw_count logged;  /* child bytes that became records (markers excluded) */
+    struct raw_count dropped; /* of those, in records before first_off */
 };
 
 /* ---- file helpers ---- */
@@ -150,12 +158,15 @@ static void bounds_push(struct obuf *b, uint64_t off)
     if (b->bhead + b->nbounds == b->bcap) {
         if (b->bhead > 0) {
             memmove(b->bounds, b->bounds + b->bhead, b->nbounds * sizeof(*b->bounds));
+            memmove(b->braw, b->braw + b->bhead, b->nbounds * sizeof(*b->braw));
             b->bhead = 0;
         } else {
             b->bcap = b->bcap ? b->bcap * 2 : 8;
             b->bounds = xrealloc(b->bounds, b->bcap * sizeof(*b->bounds));
+            b->braw = xrealloc(b->braw, b->bcap * sizeof(*b->braw));
         }
     }
+    b->braw[b->bhead + b->nbounds] = b->logged;
     b->bounds[b->bhead + b->nbounds++] = off;
 }
 
@@ -246,10 +257,12 @@ static void drop_to(struct obuf *b, uint64_t keep)
     }
     if (b->nbounds > 0) {
         b->first_off = b->bounds[b->bhead];
+        b->dropped = b->braw[b->bhead];
         b->bhead++;
         b->nbounds--;
     } else {
         b->first_off = b->end_off;
+        b->dropped = b->logged;
     }
     if (b->nbounds == 0)
         b->bhead = 0;
@@ -261,6 +274,7 @@ static void drop_to(struct obuf *b, uint64_t keep)
 static void lose_all(struct obuf *b)
 {
     b->first_off = b->end_off;
+    b->dropped = b->logged;
     b->nbounds = 0;
     b->bhead = 0;
     reclaim(b);
@@ -351,6 +365,8 @@ static int emit(struct obuf *b, int stream, uint8_t flags, const char *p1, size_
         }
     }
 
+    if (!(flags & OBUF_F_MARK))
+        b->logged.n[stream] += len + ((flags & OBUF_F_NL) ? 1 : 0);
     if (b->max_bytes && b->end_off - b->first_off > b->max_bytes)
         drop_to(b, b->max_bytes);
     return r;
@@ -628,6 +644,7 @@ void obuf_free(struct obuf *b)
         free(b->part[s].buf);
     free(b->pending);
     free(b->bounds);
+    free(b->braw);
     free(b->path);
     free(b);
 }
@@ -638,6 +655,8 @@ void obuf_get_stats(const struct obuf *b, struct obuf_stats *ret)
     ret->first_off = b->first_off;
     ret->end_off = b->end_off;
     ret->dropped_bytes = b->first_off;
+    ret->dropped_out = b->dropped.n[OBUF_STDOUT];
+    ret->dropped_err = b->dropped.n[OBUF_STDERR];
     memcpy(ret->bytes, b->bytes, sizeof(ret->bytes));
     memcpy(ret->lines, b->lines, sizeof(ret->lines));
     ret->truncated = b->first_off > 0;

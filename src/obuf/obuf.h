@@ -72,6 +72,8 @@ struct obuf_stats {
     uint64_t first_off;       /* oldest retained record */
     uint64_t end_off;         /* offset the next record will get */
     uint64_t dropped_bytes;   /* log bytes dropped by the budget (first_off - 0) */
+    uint64_t dropped_out;     /* child stdout bytes (incl. '\n') in the dropped records */
+    uint64_t dropped_err;     /* child stderr bytes in the dropped records */
     uint64_t bytes[3];        /* raw child bytes per stream (index OBUF_STDOUT/ERR), incl. '\n' */
     uint64_t lines[3];        /* records per stream (a chunked long line counts per chunk) */
     bool truncated;           /* dropped_bytes > 0 */

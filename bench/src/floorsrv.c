@@ -1,0 +1,212 @@
+/*
+ * floorsrv: a trivial HTTP/1.1 server, to measure the benchmark client's own floor.
+ * Adapted from the team's side-by-side harness (shared/bench/src/floorsrv.c).
+ *
+ *   floorsrv PORT
+ *
+ * - Any request except the one below: one fixed response shaped like sandboxd's answer to
+ *   POST /api/v1/processes/run of /bin/true (text/event-stream, a start event and an exit
+ *   event), keep-alive, Content-Length.  Single-threaded epoll loop.
+ * - GET /sse/LINELEN/BYTES: a forked child streams BYTES of stdout as sandboxd's SSE line
+ *   events (LINELEN-1 'a' per line, newline stripped), chunked, then the exit event, as
+ *   fast as the socket takes it: the client's own SSE decoding ceiling.
+ *
+ * Listens on 127.0.0.1 only.  Exits on SIGTERM/SIGINT.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+typedef struct {
+    int fd;
+    char buf[65536];
+    size_t len;
+} cl_t;
+
+static const char run_body[] =
+    "data: {\"handle\":1,\"pid\":4242,\"started_at\":1700000000000}\n\n"
+    "data: {\"exit_code\":0,\"signal\":null,\"oom_killed\":false}\n\n";
+static char resp[1024];
+static size_t resplen;
+
+/* length of one complete request at the start of b, or 0 */
+static size_t req_len(const char *b, size_t n)
+{
+    const char *e = memmem(b, n, "\r\n\r\n", 4);
+    if (!e)
+        return 0;
+    size_t hl = (size_t)(e + 4 - b), cl = 0;
+    const char *p = b;
+    while (p < e) {
+        const char *nl = memchr(p, '\n', (size_t)(e - p));
+        if (!nl)
+            break;
+        if (!strncasecmp(p, "content-length:", 15))
+            cl = strtoul(p + 15, NULL, 10);
+        p = nl + 1;
+    }
+    return n >= hl + cl ? hl + cl : 0;
+}
+
+static int write_all(int fd, const char *p, size_t n)
+{
+    while (n) {
+        ssize_t k = write(fd, p, n);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            return -1;
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+/* child: stream BYTES of lines of LINELEN as SSE events, chunked; then exit */
+static void sse_stream(int fd, long linelen, long long bytes)
+{
+    fcntl(fd, F_SETFL, 0);
+    static const char hdr[] = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                              "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if (write_all(fd, hdr, sizeof hdr - 1))
+        _exit(1);
+    if (linelen < 1 || linelen > (1 << 20))
+        _exit(1);
+    /* one event */
+    size_t evcap = (size_t)linelen + 128;
+    char *ev = malloc(evcap);
+    int pre = snprintf(ev, evcap, "data: {\"line\":\"");
+    memset(ev + pre, 'a', (size_t)linelen - 1);
+    int post = snprintf(ev + pre + linelen - 1, evcap - (size_t)pre - (size_t)linelen + 1,
+                        "\",\"timestamp\":1700000000000,\"stream\":\"stdout\"}\n\n");
+    size_t evlen = (size_t)pre + (size_t)linelen - 1 + (size_t)post;
+    /* a batch of whole events of about 256 KiB, framed as one chunk */
+    long per = (long)((256 << 10) / evlen);
+    if (per < 1)
+        per = 1;
+    long long lines = bytes / linelen;
+    char *batch = malloc((size_t)per * evlen + 32);
+    for (;;) {
+        long k = lines < per ? (long)lines : per;
+        if (k <= 0)
+            break;
+        int h = sprintf(batch, "%zx\r\n", (size_t)k * evlen);
+        for (long i = 0; i < k; i++)
+            memcpy(batch + h + (size_t)i * evlen, ev, evlen);
+        memcpy(batch + h + (size_t)k * evlen, "\r\n", 2);
+        if (write_all(fd, batch, (size_t)h + (size_t)k * evlen + 2))
+            _exit(1);
+        lines -= k;
+    }
+    long long rem = bytes % linelen;   /* a final partial line, as `head -c` leaves it */
+    if (rem > 0) {
+        size_t pl = (size_t)pre + (size_t)rem;
+        memcpy(ev + pl, ev + pre + linelen - 1, (size_t)post);
+        int h = sprintf(batch, "%zx\r\n", pl + (size_t)post);
+        memcpy(batch + h, ev, pl + (size_t)post);
+        memcpy(batch + h + pl + (size_t)post, "\r\n", 2);
+        if (write_all(fd, batch, (size_t)h + pl + (size_t)post + 2))
+            _exit(1);
+    }
+    static const char end[] = "data: {\"exit_code\":0,\"signal\":null,\"oom_killed\":false}\n\n";
+    char tail[256];
+    int tl = snprintf(tail, sizeof tail, "%zx\r\n%s\r\n0\r\n\r\n", sizeof end - 1, end);
+    write_all(fd, tail, (size_t)tl);
+    shutdown(fd, SHUT_WR);
+    char sink[4096];
+    for (int i = 0; i < 100 && read(fd, sink, sizeof sink) > 0; i++) {
+    }
+    _exit(0);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 2) {
+        fprintf(stderr, "usage: floorsrv PORT\n");
+        return 2;
+    }
+    signal(SIGCHLD, SIG_IGN);
+    signal(SIGPIPE, SIG_IGN);
+    resplen = (size_t)snprintf(resp, sizeof resp,
+                               "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                               "Cache-Control: no-cache\r\nContent-Length: %zu\r\n\r\n%s",
+                               sizeof run_body - 1, run_body);
+    int ls = socket(AF_INET, SOCK_STREAM, 0), one = 1;
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)atoi(argv[1]))};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 1024)) {
+        perror("bind");
+        return 1;
+    }
+    fcntl(ls, F_SETFL, O_NONBLOCK);
+    int ep = epoll_create1(0);
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = NULL};
+    epoll_ctl(ep, EPOLL_CTL_ADD, ls, &ev);
+    struct epoll_event evs[128];
+    for (;;) {
+        int n = epoll_wait(ep, evs, 128, -1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            break;
+        for (int i = 0; i < n; i++) {
+            cl_t *c = evs[i].data.ptr;
+            if (!c) {
+                int fd;
+                while ((fd = accept4(ls, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
+                    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                    cl_t *nc = calloc(1, sizeof *nc);
+                    nc->fd = fd;
+                    struct epoll_event e2 = {.events = EPOLLIN, .data.ptr = nc};
+                    epoll_ctl(ep, EPOLL_CTL_ADD, fd, &e2);
+                }
+                continue;
+            }
+            ssize_t k = read(c->fd, c->buf + c->len, sizeof c->buf - c->len);
+            if (k <= 0) {
+                close(c->fd);
+                free(c);
+                continue;
+            }
+            c->len += (size_t)k;
+            size_t rl;
+            int gone = 0;
+            while ((rl = req_len(c->buf, c->len))) {
+                long linelen;
+                long long bytes;
+                if (sscanf(c->buf, "GET /sse/%ld/%lld ", &linelen, &bytes) == 2) {
+                    epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
+                    if (fork() == 0) {
+                        close(ls);
+                        sse_stream(c->fd, linelen, bytes);
+                    }
+                    close(c->fd);
+                    free(c);
+                    gone = 1;
+                    break;
+                }
+                if (write_all(c->fd, resp, resplen))
+                    break;
+                memmove(c->buf, c->buf + rl, c->len - rl);
+                c->len -= rl;
+            }
+            if (!gone && c->len == sizeof c->buf) {
+                close(c->fd);
+                free(c);
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,282 @@
+/*
+ * physlimits: what this machine does with no HTTP and no daemon (the "floor").
+ * Adapted from the team's side-by-side harness (shared/bench/src/physlimits.c).
+ *
+ *   physlimits spawn     N [SAMPLES]   posix_spawn("/bin/true") + waitpid, N ops after
+ *                                      50 warm-up; SAMPLES: file for per-op µs, one a line
+ *   physlimits spawnpipe N             the same, plus what any process daemon must do
+ *                                      around it: stdout/stderr pipes, setsid, read both
+ *                                      to EOF (informative; not a target's floor)
+ *   physlimits spawnpar  W S           W worker processes posix_spawn+wait /bin/true in a
+ *                                      loop for S seconds: bare spawns/s
+ *   physlimits tcp       MIB           one loopback TCP connection, child writes MIB
+ *   physlimits producer  BYTES 'cmd'   run `sh -c cmd`, read its stdout through a pipe as
+ *                                      fast as possible: the producer's own rate, and its
+ *                                      time to first byte
+ *
+ * Prints one JSON object.  Every loop is bounded by count or time.  Only 127.0.0.1.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <spawn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double pct(const uint64_t *v, long n, double q)
+{
+    long i = (long)(q * (double)(n - 1) + 0.5);
+    return (double)v[i] / 1e3;
+}
+
+static char *const true_argv[] = {"/bin/true", NULL};
+
+static uint64_t one_spawn(void)
+{
+    uint64_t t0 = now_ns();
+    pid_t p;
+    int st;
+    if (posix_spawn(&p, "/bin/true", NULL, NULL, true_argv, environ)) {
+        perror("posix_spawn");
+        exit(1);
+    }
+    waitpid(p, &st, 0);
+    return now_ns() - t0;
+}
+
+/* What a daemon does at minimum per run: two pipes, a new session, read both to EOF. */
+static uint64_t one_spawn_pipes(void)
+{
+    uint64_t t0 = now_ns();
+    int o[2], e[2];
+    if (pipe2(o, O_CLOEXEC) || pipe2(e, O_CLOEXEC)) {
+        perror("pipe2");
+        exit(1);
+    }
+    posix_spawn_file_actions_t fa;
+    posix_spawnattr_t at;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&fa, o[1], 1);
+    posix_spawn_file_actions_adddup2(&fa, e[1], 2);
+    posix_spawnattr_init(&at);
+#ifdef POSIX_SPAWN_SETSID
+    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID);
+#endif
+    pid_t p;
+    if (posix_spawn(&p, "/bin/true", &fa, &at, true_argv, environ)) {
+        perror("posix_spawn");
+        exit(1);
+    }
+    posix_spawn_file_actions_destroy(&fa);
+    posix_spawnattr_destroy(&at);
+    close(o[1]);
+    close(e[1]);
+    struct pollfd pf[2] = {{.fd = o[0], .events = POLLIN}, {.fd = e[0], .events = POLLIN}};
+    int open_fds = 2;
+    char buf[4096];
+    for (int guard = 0; open_fds && guard < 1000; guard++) {
+        if (poll(pf, 2, 5000) <= 0)
+            break;
+        for (int i = 0; i < 2; i++) {
+            if (pf[i].fd >= 0 && pf[i].revents) {
+                if (read(pf[i].fd, buf, sizeof buf) <= 0) {
+                    close(pf[i].fd);
+                    pf[i].fd = -1;
+                    open_fds--;
+                }
+            }
+        }
+    }
+    for (int i = 0; i < 2; i++)
+        if (pf[i].fd >= 0)
+            close(pf[i].fd);
+    int st;
+    waitpid(p, &st, 0);
+    return now_ns() - t0;
+}
+
+static void lat_test(const char *name, uint64_t (*op)(void), long n, const char *samples)
+{
+    for (int i = 0; i < 50; i++)
+        op();
+    uint64_t *v = malloc((size_t)n * sizeof *v);
+    for (long i = 0; i < n; i++)
+        v[i] = op();
+    if (samples) {
+        FILE *f = fopen(samples, "w");
+        if (f) {
+            for (long i = 0; i < n; i++)
+                fprintf(f, "%.1f\n", (double)v[i] / 1e3);
+            fclose(f);
+        }
+    }
+    qsort(v, (size_t)n, sizeof *v, cmp_u64);
+    printf("{\"test\":\"%s\",\"n\":%ld,\"min_us\":%.1f,\"p50_us\":%.1f,\"p90_us\":%.1f,"
+           "\"p99_us\":%.1f,\"max_us\":%.1f}\n",
+           name, n, (double)v[0] / 1e3, pct(v, n, .5), pct(v, n, .9), pct(v, n, .99),
+           (double)v[n - 1] / 1e3);
+    free(v);
+}
+
+/* W workers each posix_spawn+wait /bin/true in a loop for S seconds */
+static void spawnpar_test(long workers, double secs)
+{
+    int fd[2];
+    if (pipe(fd))
+        exit(1);
+    uint64_t t0 = now_ns(), end = t0 + (uint64_t)(secs * 1e9);
+    for (long w = 0; w < workers; w++) {
+        if (fork() == 0) {
+            long n = 0;
+            while (now_ns() < end) {
+                one_spawn();
+                n++;
+            }
+            if (write(fd[1], &n, sizeof n) != sizeof n)
+                _exit(1);
+            _exit(0);
+        }
+    }
+    close(fd[1]);
+    long tot = 0, n;
+    while (read(fd[0], &n, sizeof n) == sizeof n)
+        tot += n;
+    while (wait(NULL) > 0) {
+    }
+    double s = (double)(now_ns() - t0) / 1e9;
+    printf("{\"test\":\"posix_spawn_parallel\",\"workers\":%ld,\"seconds\":%.3f,\"spawns\":%ld,"
+           "\"per_s\":%.1f}\n",
+           workers, s, tot, (double)tot / s);
+}
+
+static void tcp_test(long mib)
+{
+    int ls = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 1)) {
+        perror("bind");
+        exit(1);
+    }
+    socklen_t al = sizeof a;
+    getsockname(ls, (struct sockaddr *)&a, &al);
+    pid_t p = fork();
+    if (p == 0) {
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(s, (struct sockaddr *)&a, sizeof a))
+            _exit(2);
+        size_t bs = 1 << 20;
+        char *b = malloc(bs);
+        memset(b, 'a', bs);
+        long long left = (long long)mib << 20;
+        while (left > 0) {
+            ssize_t k = write(s, b, left < (long long)bs ? (size_t)left : bs);
+            if (k <= 0)
+                _exit(1);
+            left -= k;
+        }
+        close(s);
+        _exit(0);
+    }
+    int c = accept(ls, NULL, NULL);
+    size_t bs = 1 << 20;
+    char *b = malloc(bs);
+    long long tot = 0;
+    ssize_t k;
+    uint64_t t0 = now_ns();
+    while ((k = read(c, b, bs)) > 0)
+        tot += k;
+    double s = (double)(now_ns() - t0) / 1e9;
+    int st;
+    waitpid(p, &st, 0);
+    printf("{\"test\":\"tcp_loopback\",\"mib\":%ld,\"seconds\":%.4f,\"mb_per_s\":%.1f,\"ok\":%s}\n",
+           mib, s, (double)tot / s / 1e6, tot == (long long)mib << 20 ? "true" : "false");
+}
+
+static void producer_test(long long expected, const char *cmd)
+{
+    int fd[2];
+    if (pipe(fd))
+        exit(1);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, fd[1], 1);
+    posix_spawn_file_actions_addclose(&fa, fd[0]);
+    posix_spawn_file_actions_addclose(&fa, fd[1]);
+    char *argv[] = {"sh", "-c", (char *)cmd, NULL};
+    pid_t p;
+    uint64_t t0 = now_ns(), tfirst = 0;
+    if (posix_spawn(&p, "/bin/sh", &fa, NULL, argv, environ)) {
+        perror("spawn");
+        exit(1);
+    }
+    close(fd[1]);
+    size_t bs = 1 << 20;
+    char *b = malloc(bs);
+    long long tot = 0;
+    ssize_t k;
+    while ((k = read(fd[0], b, bs)) > 0) {
+        if (!tfirst)
+            tfirst = now_ns();
+        tot += k;
+    }
+    uint64_t tlast = now_ns();
+    int st;
+    waitpid(p, &st, 0);
+    double s = (double)(tlast - t0) / 1e9;
+    printf("{\"test\":\"producer\",\"bytes\":%lld,\"expected\":%lld,\"seconds\":%.4f,"
+           "\"ttfb_s\":%.6f,\"mb_per_s\":%.1f,\"ok\":%s}\n",
+           tot, expected, s, tfirst ? (double)(tfirst - t0) / 1e9 : -1.0, (double)tot / s / 1e6,
+           tot == expected ? "true" : "false");
+}
+
+int main(int argc, char **argv)
+{
+    if (argc < 3) {
+        fprintf(stderr, "usage: physlimits spawn|spawnpipe|spawnpar|tcp|producer ARGS (see source)\n");
+        return 2;
+    }
+    const char *t = argv[1];
+    long a = atol(argv[2]);
+    if (!strcmp(t, "spawn"))
+        lat_test("posix_spawn_wait", one_spawn, a > 0 ? a : 2000, argc > 3 ? argv[3] : NULL);
+    else if (!strcmp(t, "spawnpipe"))
+        lat_test("posix_spawn_pipes_setsid_wait", one_spawn_pipes, a > 0 ? a : 2000,
+                 argc > 3 ? argv[3] : NULL);
+    else if (!strcmp(t, "spawnpar") && argc > 3)
+        spawnpar_test(a > 0 ? a : 2, atof(argv[3]));
+    else if (!strcmp(t, "tcp"))
+        tcp_test(a > 0 ? a : 1024);
+    else if (!strcmp(t, "producer") && argc > 3)
+        producer_test(atoll(argv[2]), argv[3]);
+    else {
+        fprintf(stderr, "unknown test\n");
+        return 2;
+    }
+    return 0;
+}
