@@ -599,12 +599,14 @@ int proc__cg_pids(const struct proc_cg *c, pid_t **ret)
     return (int)n;
 }
 
-int proc__cg_kill(const struct proc_table *t, const struct proc_cg *c, int sig)
+int proc__cg_kill(const struct proc_table *t, struct proc_cg *c, int sig)
 {
     pid_t *pids;
     if (sig == SIGKILL && c->v2 != NULL && t->cg.has_kill &&
-        write_in(c->v2, "cgroup.kill", "1") == 0)
+        write_in(c->v2, "cgroup.kill", "1") == 0) {
+        c->killed = true;
         return 0;
+    }
     /* Without cgroup.kill a fork can race the listing; two passes make that unlikely and
      * the process group kill in proc.c covers the usual shapes of tree. */
     for (int pass = 0; pass < (sig == SIGKILL ? 2 : 1); pass++) {
@@ -642,7 +644,7 @@ static void detach(struct proc_cg *c)
 static bool remove_empty(struct proc_table *t, struct proc_cg *c)
 {
     struct proc_cgroups *g = &t->cg;
-    if (!c->limited && g->npool < POOL_MAX && !t->shutting_down && !t->freeing &&
+    if (!c->limited && !c->killed && g->npool < POOL_MAX && !t->shutting_down && !t->freeing &&
         !proc__cg_oom(t, c)) {
         detach(c);
         list_insert_tail(&g->pool, &c->link);

@@ -41,6 +41,9 @@ struct proc_cg {
     char *mem;          /* memory dir: a v1 dir, or == v2 in pure v2; NULL if none */
     struct proc *owner; /* record whose tree lives (or lived) here; NULL when pooled */
     bool limited;       /* a memory limit was written: never reused */
+    bool killed;        /* cgroup.kill was written: never reused, because a child cloned
+                         * into it with CLONE_INTO_CGROUP afterwards is SIGKILLed by the
+                         * kernel (its kill sequence check; seen on 6.18) */
     bool hot;           /* holds the fds below (kernfs opens cost more than the reads) */
     int fd_procs[2];    /* cgroup.procs of v2 and of the v1 memory dir (O_WRONLY), or -1 */
     int fd_events;      /* v2 cgroup.events, or -1 */
@@ -83,7 +86,7 @@ void proc__cg_procs_done(const struct proc_cg *cg, int fds[2]);
  * once empty (retrying on a timer). cg->owner keeps pointing at the record until then. */
 void proc__cg_release(struct proc_table *t, struct proc_cg *cg, bool kill_leftovers);
 /* Sends sig to every process in cg (SIGKILL through cgroup.kill when available). */
-int proc__cg_kill(const struct proc_table *t, const struct proc_cg *cg, int sig);
+int proc__cg_kill(const struct proc_table *t, struct proc_cg *cg, int sig);
 /* The memory cgroup recorded an OOM kill. */
 bool proc__cg_oom(const struct proc_table *t, const struct proc_cg *cg);
 /* Pids in cg (heap array in *ret). Returns the count or a negative errno. */

@@ -17,6 +17,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -404,6 +405,125 @@ CHILD_FN static int child_main(void *arg)
     child_fail(a, CHILD_EXEC);
 }
 
+/* ---- clone3(CLONE_INTO_CGROUP) ----
+ * Joining a cgroup by writing to cgroup.procs is a migration: it takes the global
+ * cgroup_threadgroup_rwsem for writing, which waits for an RCU grace period (measured here:
+ * 23 ms per spawn). clone3 with CLONE_INTO_CGROUP creates the child inside its cgroup2 dir
+ * instead, with no migration. The child of a CLONE_VM clone3 starts on the new stack at the
+ * instruction after the syscall, so it cannot return into C: a few lines of assembly call the
+ * child function and exit. x86-64 only; elsewhere (or on old kernels) spawn falls back to
+ * clone() plus the write.
+ */
+struct clone3_args {
+    uint64_t flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size, tls, set_tid,
+        set_tid_size, cgroup;
+};
+
+#if defined(__x86_64__) && defined(SYS_clone3)
+#define HAVE_CLONE3_ASM 1
+/* long proc__clone3_call(struct clone3_args *ca, int (*fn)(void *), void *arg):
+ * returns the child's pid or -errno in the parent; the child runs exit(fn(arg)). */
+long proc__clone3_call(struct clone3_args *ca, int (*fn)(void *), void *arg);
+__asm__(".text\n"
+        ".globl proc__clone3_call\n"
+        ".hidden proc__clone3_call\n"
+        ".type proc__clone3_call,@function\n"
+        "proc__clone3_call:\n"
+        "    mov %rsi, %r8\n"          /* fn: r8/r9 survive syscall, in both tasks */
+        "    mov %rdx, %r9\n"          /* arg */
+        "    mov $88, %esi\n"          /* sizeof(struct clone3_args) */
+        "    mov $435, %eax\n"         /* SYS_clone3 */
+        "    syscall\n"
+        "    test %rax, %rax\n"
+        "    jnz 1f\n"
+        "    xor %ebp, %ebp\n"         /* child: rsp is the top of the new stack */
+        "    mov %r9, %rdi\n"
+        "    call *%r8\n"
+        "    mov %eax, %edi\n"
+        "    mov $60, %eax\n"          /* SYS_exit */
+        "    syscall\n"
+        "    hlt\n"
+        "1:  ret\n"
+        ".size proc__clone3_call, .-proc__clone3_call\n");
+#endif
+
+/* Set once clone3 said ENOSYS/E2BIG/EINVAL: do not try again. */
+static bool clone3_broken;
+
+static pid_t spawn_clone(struct proc_table *t, struct child_args *a, int cg_dirfd)
+{
+#ifdef HAVE_CLONE3_ASM
+    if (cg_dirfd >= 0 && !clone3_broken) {
+        struct clone3_args ca = {
+            .flags = CLONE_VM | CLONE_VFORK | 0x200000000ULL /* CLONE_INTO_CGROUP */,
+            .exit_signal = SIGCHLD,
+            .stack = (uint64_t)(uintptr_t)t->stack,
+            .stack_size = PROC_STACK_SIZE,
+            .cgroup = (uint64_t)cg_dirfd,
+        };
+        int saved = a->cg_fd[0];
+        a->cg_fd[0] = -1; /* already in its cgroup2 dir */
+        long pid = proc__clone3_call(&ca, child_main, a);
+        if (pid >= 0)
+            return (pid_t)pid;
+        a->cg_fd[0] = saved;
+        if (pid == -ENOSYS || pid == -E2BIG || pid == -EINVAL || pid == -EOPNOTSUPP)
+            clone3_broken = true;
+        else if (pid != -EBUSY && pid != -EACCES) {
+            errno = (int)-pid;
+            return -1;
+        }
+    }
+#else
+    (void)cg_dirfd;
+#endif
+    return clone(child_main, (char *)t->stack + PROC_STACK_SIZE, CLONE_VM | CLONE_VFORK | SIGCHLD,
+                 a);
+}
+
+/* ---- joining the v1 memory cgroup off the spawn path ----
+ * On hybrid hierarchies the memory controller is v1, where only a migration (a write to
+ * cgroup.procs, costing an RCU grace period: 10-25 ms measured here) can place a process.
+ * Done in the child it would stall the spawn; so unless a memory limit must hold from the
+ * first instruction, the child execs at once and a libuv threadpool job moves it. What the
+ * leader forks before the move stays in the daemon's memory cgroup (still in its own cgroup2
+ * dir, so tree kills are unaffected); only OOM attribution of those early forks is lost.
+ */
+struct memjoin {
+    uv_work_t req;
+    int fd;      /* our own dup of the dir's cgroup.procs */
+    pid_t pid;
+};
+
+static void memjoin_work(uv_work_t *w)
+{
+    struct memjoin *m = container_of(w, struct memjoin, req);
+    char buf[24];
+    int n = snprintf(buf, sizeof(buf), "%d", (int)m->pid);
+    /* ESRCH: it has ended already, nothing to attribute. */
+    if (write(m->fd, buf, (size_t)n) < 0)
+        return;
+}
+
+static void memjoin_done(uv_work_t *w, int status)
+{
+    struct memjoin *m = container_of(w, struct memjoin, req);
+    (void)status;
+    close(m->fd);
+    free(m);
+}
+
+static void memjoin_start(struct proc_table *t, int fd, pid_t pid)
+{
+    struct memjoin *m = xcalloc(1, sizeof(*m));
+    m->fd = fd;
+    m->pid = pid;
+    if (uv_queue_work(t->loop, &m->req, memjoin_work, memjoin_done) < 0) {
+        close(fd);
+        free(m);
+    }
+}
+
 static void child_error(const struct child_args *a, const struct proc_run_spec *s, char *err,
                         size_t errlen)
 {
@@ -452,7 +572,7 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
 {
     char path[PATH_MAX];
     int in[2] = {-1, -1}, out[2] = {-1, -1}, errp[2] = {-1, -1};
-    int cg_fd[2] = {-1, -1};
+    int cg_fd[2] = {-1, -1}, cg_dirfd = -1, memjoin_fd = -1;
     struct proc_cg *cg = NULL;
     struct child_args a;
     sigset_t all, old;
@@ -478,6 +598,11 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
         cg = NULL;
     }
 
+    if (cg != NULL && cg->v2 != NULL)
+        cg_dirfd = open(cg->v2, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (cg_dirfd >= 0 && cg->mem != cg->v2 && cg_fd[1] >= 0 && s->memory_limit == 0)
+        memjoin_fd = fcntl(cg_fd[1], F_DUPFD_CLOEXEC, 3);
+
     memset(&a, 0, sizeof(a));
     a.path = path;
     a.argv = s->argv;
@@ -487,7 +612,7 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     a.fd[1] = out[1] >= 0 ? out[1] : t->devnull;
     a.fd[2] = errp[1] >= 0 ? errp[1] : t->devnull;
     a.cg_fd[0] = cg_fd[0];
-    a.cg_fd[1] = cg_fd[1];
+    a.cg_fd[1] = memjoin_fd >= 0 ? -1 : cg_fd[1]; /* else a threadpool job joins it */
     a.set_user = s->set_user;
     a.uid = s->uid;
     a.gid = s->gid;
@@ -498,10 +623,11 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
      * daemon handler (libuv's writes into its signal pipe) before it has reset them. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid = clone(child_main, (char *)t->stack + PROC_STACK_SIZE, CLONE_VM | CLONE_VFORK | SIGCHLD,
-                &a);
+    pid = spawn_clone(t, &a, cg_dirfd);
     int clone_errno = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (cg_dirfd >= 0)
+        close(cg_dirfd);
 
     close_fd(&in[0]);
     close_fd(&out[1]);
@@ -525,6 +651,10 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
         goto fail;
     }
 
+    if (memjoin_fd >= 0) {
+        memjoin_start(t, memjoin_fd, pid);
+        memjoin_fd = -1;
+    }
     ret->pid = pid;
     ret->fd_stdin = in[1];
     ret->fd_stdout = out[0];
@@ -533,6 +663,7 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     return 0;
 
 fail:
+    close_fd(&memjoin_fd);
     close_fd(&in[0]);
     close_fd(&in[1]);
     close_fd(&out[0]);
