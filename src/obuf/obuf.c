@@ -496,7 +496,21 @@ int obuf_append(struct obuf *b, int stream, uint8_t flags, const char *data, siz
 
 int obuf_flush(struct obuf *b)
 {
-    return b->sealed ? 0 : flush_pending(b);
+    if (b->sealed)
+        return 0;
+    int r = flush_pending(b);
+    /* The producer flushes once per batch of reads, so the write-behind buffer is only
+     * needed within a batch: a process that printed a line and went quiet keeps no 64 KiB
+     * buffer, nor does a partial-line buffer outlive its line. */
+    free(b->pending);
+    b->pending = NULL;
+    for (int s = OBUF_STDOUT; s <= OBUF_STDERR; s++) {
+        if (b->part[s].len == 0 && b->part[s].buf != NULL) {
+            free(b->part[s].buf);
+            b->part[s].buf = NULL;
+        }
+    }
+    return r;
 }
 
 void obuf_seal(struct obuf *b)

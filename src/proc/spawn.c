@@ -283,6 +283,8 @@ int proc__fd_above_stdio(int fd)
 }
 
 /* pipe2(O_CLOEXEC) with both ends above 2, so the child's dup2 onto 0-2 never collides. */
+#define CAPTURE_PIPE_SIZE (1024 * 1024)
+
 static int make_pipe(int fds[2])
 {
     if (pipe2(fds, O_CLOEXEC) < 0) {
@@ -590,6 +592,13 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
         snprintf(err, errlen, "cannot create pipes: %s", strerror(-rc));
         goto fail;
     }
+    /* Room for a burst of output: a fast writer keeps running while the loop formats what
+     * it read, with fewer wakeups. Pages are only allocated when used; failure (a lower
+     * pipe-max-size or the per-user pipe budget) just keeps the 64 KiB default. */
+    if (out[0] >= 0)
+        (void)fcntl(out[0], F_SETPIPE_SZ, CAPTURE_PIPE_SIZE);
+    if (errp[0] >= 0)
+        (void)fcntl(errp[0], F_SETPIPE_SZ, CAPTURE_PIPE_SIZE);
 
     cg = proc__cg_acquire(t, s->memory_limit);
     if (cg != NULL && proc__cg_procs_fds(cg, cg_fd) < 0) {
