@@ -40,6 +40,9 @@ static void usage(FILE *f)
             "  --max-output BYTES      output log kept per process (default 1 GiB; suffixes\n"
             "                          K, M, G); older output is dropped, explicitly\n"
             "  --max-total-output BYTES  output kept over all processes (default 4 GiB)\n"
+            "  --max-records N         ended processes remembered (default 4096, about\n"
+            "                          1.3 KiB each); the oldest are forgotten first,\n"
+            "                          with their output\n"
             "  --verbose               log each request (never headers or tokens)\n"
             "  --help                  this text\n");
 }
@@ -137,6 +140,7 @@ int main(int argc, char **argv)
         {"state-dir", required_argument, NULL, 's'},
         {"max-output", required_argument, NULL, 'm'},
         {"max-total-output", required_argument, NULL, 'M'},
+        {"max-records", required_argument, NULL, 'r'},
         {"verbose", no_argument, NULL, 'v'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
@@ -151,7 +155,7 @@ int main(int argc, char **argv)
         .drain_grace_ms = 2000,
         .stop_grace_ms = 5000,
         .max_procs = 1024,
-        .max_records = 10000,
+        .max_records = 4096,
         .use_cgroups = true,
     };
     char host[256];
@@ -170,6 +174,13 @@ int main(int argc, char **argv)
             if (parse_size(optarg, &pcfg.max_total_output_bytes) < 0)
                 fatalx("bad --max-total-output: %s", optarg);
             break;
+        case 'r': {
+            uint64_t v;
+            if (parse_size(optarg, &v) < 0 || v < 1 || v > 1000000)
+                fatalx("bad --max-records: %s (1 to 1000000)", optarg);
+            pcfg.max_records = (uint32_t)v;
+            break;
+        }
         case 'v': log_verbose = 1; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;

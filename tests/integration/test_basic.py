@@ -396,3 +396,22 @@ def test_state_dir_created_if_missing():
             assert os.path.isdir(sd)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_max_records_evicts_oldest_ended():
+    # --max-records bounds the memory of history: beyond it the oldest ended records are
+    # forgotten (404), with their output; running ones never are.
+    with Daemon(args=["--max-records", "3"]) as dm:
+        keep = dm.start("sleep", ["30"])
+        pids = []
+        for i in range(6):
+            p = dm.start("sh", ["-c", "echo rec%d" % i])
+            dm.wait_ended(p["pid"])
+            pids.append(p["pid"])
+        listed = [q["pid"] for q in dm.list()]
+        assert keep["pid"] in listed, listed
+        ended = [pid for pid in pids if pid in listed]
+        assert ended == pids[-3:], (ended, pids)
+        assert dm.get("/api/v1/processes/%d" % pids[0]).status == 404
+        assert dm.output(pids[-1], "stdout")["lines"] == ["rec5"]
+        dm.kill_proc(keep["pid"])
