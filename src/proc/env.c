@@ -76,11 +76,7 @@ char **proc_env_build(const char *const *keys, const char *const *vals, size_t n
 
 void proc_env_free(char **env)
 {
-    if (env == NULL)
-        return;
-    for (size_t i = 0; env[i] != NULL; i++)
-        free(env[i]);
-    free(env);
+    strv_free(env);
 }
 
 static int parse_id(const char *s, unsigned *ret)

@@ -96,9 +96,7 @@ static void free_record(struct proc *p)
     proc__spec_free(&p->priv->spec);
     free(p->name);
     free(p->command);
-    for (size_t i = 0; p->args[i] != NULL; i++)
-        free(p->args[i]);
-    free(p->args);
+    strv_free(p->args);
     free(p->cwd_display);
     free(r);
 }
@@ -915,18 +913,6 @@ static void on_sigchld(uv_signal_t *h, int signum)
 /* ------------------------------------------------------------------------------------------
  * Table
  */
-
-static char **strv_dup(char *const *v)
-{
-    size_t n = 0;
-    if (v != NULL)
-        while (v[n] != NULL)
-            n++;
-    char **r = xcalloc(n + 1, sizeof(*r));
-    for (size_t i = 0; i < n; i++)
-        r[i] = xstrdup(v[i]);
-    return r;
-}
 
 int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc **ret,
                char *err, size_t errlen)

@@ -38,27 +38,6 @@
  * Spec copy
  */
 
-static char **strv_copy(char *const *v)
-{
-    size_t n = 0;
-    if (v != NULL)
-        while (v[n] != NULL)
-            n++;
-    char **r = xcalloc(n + 1, sizeof(*r));
-    for (size_t i = 0; i < n; i++)
-        r[i] = xstrdup(v[i]);
-    return r;
-}
-
-static void strv_free(char **v)
-{
-    if (v == NULL)
-        return;
-    for (size_t i = 0; v[i] != NULL; i++)
-        free(v[i]);
-    free(v);
-}
-
 /* Supplementary groups of the target user, computed in the parent (initgroups() cannot run
  * in the child: it reads /etc/group through NSS, which allocates). */
 static int user_groups(const char *user, gid_t gid, gid_t **ret, int *ret_n)
@@ -102,8 +81,8 @@ int proc__spec_copy(const struct proc_spec *in, struct proc_run_spec *out, char 
         return -EPERM;
     }
     out->file = xstrdup(file);
-    out->argv = strv_copy(in->argv);
-    out->env = strv_copy(in->env != NULL ? in->env : environ);
+    out->argv = strv_dup(in->argv);
+    out->env = strv_dup(in->env != NULL ? in->env : environ);
     out->cwd = in->cwd != NULL && in->cwd[0] != '\0' ? xstrdup(in->cwd) : NULL;
     /* Not root and already that user: nothing to switch. */
     out->set_user = in->set_user && geteuid() == 0;

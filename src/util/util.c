@@ -267,3 +267,24 @@ bool ct_equal(const void *a, size_t alen, const void *b, size_t blen)
         diff |= pa[i] ^ pb[i];
     return diff == 0;
 }
+
+char **strv_dup(char *const *v)
+{
+    size_t n = 0;
+    if (v != NULL)
+        while (v[n] != NULL)
+            n++;
+    char **r = xcalloc(n + 1, sizeof(*r));
+    for (size_t i = 0; i < n; i++)
+        r[i] = xstrdup(v[i]);
+    return r;
+}
+
+void strv_free(char **v)
+{
+    if (v == NULL)
+        return;
+    for (size_t i = 0; v[i] != NULL; i++)
+        free(v[i]);
+    free(v);
+}

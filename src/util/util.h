@@ -86,6 +86,10 @@ void fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn))
 void fatalx(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
 /* ---- small string helpers ---- */
+/* Deep copy of a NULL-terminated string vector (NULL gives an empty one); strv_free frees
+ * such a copy (accepts NULL). */
+char **strv_dup(char *const *v);
+void strv_free(char **v);
 bool str_is_digits(const char *s);                        /* non-empty, all ASCII digits */
 int parse_u64(const char *s, size_t n, uint64_t *ret);    /* 0 or -EINVAL / -ERANGE */
 /* Percent-decodes src[0..n) into a new string; -EINVAL on a bad escape or an embedded NUL. */
