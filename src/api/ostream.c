@@ -112,12 +112,13 @@ static void pump_once(struct ostream *s)
         }
         if (n == 0)
             break;
-        sbuf_reset(&fmt);
+        /* Records are formatted straight into the connection's send buffer. */
+        struct sbuf *out = http_stream_chunk_begin(s->r);
         size_t pos = 0;
         struct obuf_rec rec;
         while (obuf_next(scratch, n, &pos, base, &rec))
-            s->ops->rec(s, &rec, &fmt);
-        flush_fmt(s);
+            s->ops->rec(s, &rec, out);
+        http_stream_chunk_end(s->r);
     }
     if (at_end(s))
         finish(s);

@@ -113,6 +113,11 @@ void http_stream_write(struct http_req *r, const char *data, size_t n);
  * least n writable bytes; commit with http_stream_commit(r, used). */
 char *http_stream_reserve(struct http_req *r, size_t n);
 void http_stream_commit(struct http_req *r, size_t used);
+/* Formats one chunk in place: returns the connection's send buffer, to which the caller
+ * appends the chunk's bytes (sbuf_* calls, json_escape...), then http_stream_chunk_end().
+ * Saves the copy http_stream_write makes; nothing else may be written to r in between. */
+struct sbuf *http_stream_chunk_begin(struct http_req *r);
+void http_stream_chunk_end(struct http_req *r);
 size_t http_stream_queued(const struct http_req *r);
 /* Ends the chunked body; the request completes once it is written. */
 void http_stream_end(struct http_req *r);

@@ -259,6 +259,46 @@ void http_stream_commit(struct http_req *r, size_t used)
     srv__conn_flush(c);
 }
 
+#define CHUNK_HDR "00000000\r\n" /* fixed width, so the body can be formatted before its size */
+
+struct sbuf *http_stream_chunk_begin(struct http_req *r)
+{
+    struct http_conn *c = r->conn;
+    assert(c->rstate == HTTP_RS_STREAM || conn_dead(c));
+    assert(!c->reserved);
+    c->reserved = true;
+    c->chunk_at = c->out.len;
+    if (c->chunked)
+        sbuf_append(&c->out, CHUNK_HDR, sizeof(CHUNK_HDR) - 1);
+    return &c->out;
+}
+
+void http_stream_chunk_end(struct http_req *r)
+{
+    static const char hexdig[] = "0123456789abcdef";
+    struct http_conn *c = r->conn;
+    size_t hdr = c->chunked ? sizeof(CHUNK_HDR) - 1 : 0;
+    assert(c->reserved && c->out.len >= c->chunk_at + hdr);
+    c->reserved = false;
+    size_t used = c->out.len - c->chunk_at - hdr;
+    if (used == 0 || c->head || c->closing || used > 0xffffffffu) {
+        c->out.len = c->chunk_at; /* an empty chunk would end the body */
+        if (c->out.buf != NULL)
+            c->out.buf[c->out.len] = '\0';
+        return;
+    }
+    if (c->chunked) {
+        char *p = c->out.buf + c->chunk_at;
+        size_t v = used;
+        for (int i = 7; i >= 0; i--, v >>= 4)
+            p[i] = hexdig[v & 15];
+        sbuf_append(&c->out, "\r\n", 2);
+    }
+    if (http_stream_queued(r) >= HTTP_STREAM_HIGH)
+        c->above_high = true;
+    srv__conn_flush(c);
+}
+
 void http_stream_write(struct http_req *r, const char *data, size_t n)
 {
     if (n == 0)

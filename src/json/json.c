@@ -117,6 +117,18 @@ static inline bool plain8(const unsigned char *p)
     return bad == 0;
 }
 
+bool json_plain(const char *str, size_t n)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    size_t i = 0;
+    while (i + 8 <= n && plain8(s + i))
+        i += 8;
+    for (; i < n; i++)
+        if (esc_class[s[i]] != 0)
+            return false;
+    return true;
+}
+
 void json_escape(struct sbuf *sb, const char *str, size_t n)
 {
     static const char hex[] = "0123456789abcdef";

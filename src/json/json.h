@@ -54,6 +54,9 @@ void json_kv_null(struct json_w *w, const char *key);
 /* Appends the escaped form of s[0..n) to sb, without quotes (same rules as json_strn). */
 void json_escape(struct sbuf *sb, const char *s, size_t n);
 
+/* True if s[0..n) is printable ASCII needing no escape (then it can be copied verbatim). */
+bool json_plain(const char *s, size_t n);
+
 /* Length of the longest prefix of s[0..n) that does not end inside a UTF-8 sequence that
  * could still be completed by more bytes; used to cut long lines at a character boundary. */
 size_t utf8_cut(const char *s, size_t n);

@@ -110,6 +110,7 @@ struct http_conn {
     void *ops_arg;
     size_t resv_n;               /* open http_stream_reserve(): bytes promised */
     uint8_t resv_hw;             /* hex digits reserved for its chunk header */
+    size_t chunk_at;             /* open http_stream_chunk_begin(): offset of its header */
     uint8_t rstate;              /* enum http_rstate */
     uint8_t tmode;               /* enum http_tmode */
     uint8_t nopen;               /* handles not yet closed */
