@@ -5,6 +5,7 @@ The shared daemon here is started with a blocked SIGUSR2/SIGALRM and ignored SIG
 """
 
 import os
+import shutil
 import signal
 import socket
 import time
@@ -378,3 +379,38 @@ def test_shutdown_with_run_stream_open():
             if isinstance(e.json, dict) and harness.is_exit_obj(e.json):
                 assert e.json.get("exit_code") != 0, "shutdown reported as success: %r" % e.json
         s.close()
+
+
+def test_pid1_in_a_pid_namespace_reaps_orphans():
+    # As PID 1 of a container the daemon is every orphan's parent: it must reap them all.
+    # unshare --pid --fork makes the daemon PID 1 of a new PID namespace.
+    class NsDaemon(Daemon):
+        def cmdline(self):
+            return ["unshare", "--pid", "--fork", "--kill-child"] + Daemon.cmdline(self)
+
+        def stop(self, sig=signal.SIGTERM, timeout_s=20):
+            # unshare does not forward signals: stop the daemon (PID 1 inside) itself, then
+            # unshare exits with it. PID 1 ignores signals it has no handler for, so a clean
+            # exit also shows the daemon's handlers work there.
+            for k in harness.children_of(self.pid):
+                os.kill(k["pid"], sig)
+            return Daemon.stop(self, sig, timeout_s)
+
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        raise harness.Skip("needs root and unshare(1) for a PID namespace")
+    with NsDaemon() as dm:
+        kids = harness.children_of(dm.pid)
+        assert len(kids) == 1, kids
+        inner = kids[0]["pid"]
+        nspid = [ln for ln in open("/proc/%d/status" % inner) if ln.startswith("NSpid:")]
+        assert nspid and nspid[0].split()[-1] == "1", nspid
+        # Orphans: each shell leaves a background sleep behind and exits; detached from the
+        # pipes, so the run ends at once and the sleeps are reparented to PID 1 (us).
+        for _ in range(10):
+            p = dm.start("sh", ["-c", "(sleep 0.3 >/dev/null 2>&1 &); exit 0"])
+            assert dm.wait_ended(p["pid"])["exit_code"] == 0
+        time.sleep(harness.slack(1.5))
+        zombies = [c["pid"] for c in harness.children_of(inner) if c["state"] == "Z"]
+        assert not zombies, "unreaped: %r" % zombies
+        assert dm.get("/api/v1/health").status == 200
+    assert dm.returncode == 0, dm.returncode
