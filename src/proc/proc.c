@@ -93,6 +93,8 @@ void proc__table_handle_closed(struct proc_table *t)
 static void free_record(struct proc *p)
 {
     struct proc_rec *r = container_of(p, struct proc_rec, pub);
+    if (p->priv->memjoin_fd >= 0)
+        close(p->priv->memjoin_fd);
     proc__spec_free(&p->priv->spec);
     free(p->name);
     free(p->command);
@@ -596,6 +598,30 @@ static void on_kill_timer(uv_timer_t *h)
 }
 
 /* The run is live again with child c (first run or a restart). */
+/* The run is still going PROC_MEMJOIN_DELAY_MS after its start: join its memory cgroup. */
+static void on_memjoin_timer(uv_timer_t *h)
+{
+    struct proc *p = h->data;
+    struct proc_priv *pv = p->priv;
+    int fd = pv->memjoin_fd;
+    pv->memjoin_fd = -1;
+    if (fd >= 0 && proc_is_running(p))
+        proc__memjoin_start(p->table, fd, p->pid);
+    else if (fd >= 0)
+        close(fd);
+}
+
+/* The leader is gone (or the record goes): a pending join has nothing left to move. */
+static void memjoin_cancel(struct proc *p)
+{
+    struct proc_priv *pv = p->priv;
+    if (pv->memjoin_fd < 0)
+        return;
+    close(pv->memjoin_fd);
+    pv->memjoin_fd = -1;
+    uv_timer_stop(&pv->state_timer); /* only the join uses it while the leader runs */
+}
+
 static void run_started(struct proc *p, const struct proc_child *c)
 {
     struct proc_priv *pv = p->priv;
@@ -628,6 +654,10 @@ static void run_started(struct proc *p, const struct proc_child *c)
         pv->pipes[1] = open_pipe(p, OBUF_STDOUT, c->fd_stdout);
     if (c->fd_stderr >= 0)
         pv->pipes[2] = open_pipe(p, OBUF_STDERR, c->fd_stderr);
+    if (c->memjoin_fd >= 0) {
+        pv->memjoin_fd = c->memjoin_fd;
+        uv_timer_start(&pv->state_timer, on_memjoin_timer, PROC_MEMJOIN_DELAY_MS, 0);
+    }
     if (p->timeout_ms > 0) {
         /* The loop's cached time may be well behind (a long iteration): count from now. */
         uv_update_time(p->table->loop);
@@ -638,6 +668,7 @@ static void run_started(struct proc *p, const struct proc_child *c)
 static void on_leader_exit(struct proc *p, int status)
 {
     struct proc_priv *pv = p->priv;
+    memjoin_cancel(p);
     pidmap_del(p);
     p->ended_ms = now_ms();
     if (WIFEXITED(status)) {
@@ -974,6 +1005,7 @@ int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc *
     uv_timer_init(t->loop, &pv->state_timer);
     uv_timer_init(t->loop, &pv->kill_timer);
     pv->timeout_timer.data = pv->state_timer.data = pv->kill_timer.data = p;
+    pv->memjoin_fd = -1;
     pv->timers_open = pv->kill_timer_open = true;
     pv->handles += 3;
     t->handles += 3;

@@ -20,6 +20,7 @@
 #define PROC_PID_BUCKETS 256
 #define PROC_STDIN_MAX (1024 * 1024)   /* bytes queued for a child's stdin */
 #define PROC_KILL_DRAIN_MS 500         /* pipe EOF wait after the final tree kill */
+#define PROC_MEMJOIN_DELAY_MS 20       /* a run alive this long joins its v1 memory cgroup */
 #define PROC_STACK_SIZE (256 * 1024)   /* the clone child's stack (reused by every spawn) */
 #define PROC_DRAIN_READ_MAX (4u << 20) /* bytes read synchronously when a pipe is force-closed */
 #define PROC_HEALTHY_RUN_MS 10000      /* a run this long resets the restart back-off */
@@ -125,11 +126,14 @@ struct proc_child {
     int fd_stdout;
     int fd_stderr;
     struct proc_cg *cg;      /* NULL: tree is the process group */
+    int memjoin_fd;          /* v1 memory cgroup.procs to join later (proc__memjoin_start), or -1 */
 };
 
 int proc__spec_copy(const struct proc_spec *in, struct proc_run_spec *out, char *err,
                     size_t errlen);
 void proc__spec_free(struct proc_run_spec *s);
+/* Moves pid into the memory cgroup behind fd off the loop (threadpool); takes the fd. */
+void proc__memjoin_start(struct proc_table *t, int fd, pid_t pid);
 /* Starts one run. On failure nothing is left behind (the failed child is reaped). */
 int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc_child *ret,
                 char *err, size_t errlen);
@@ -158,6 +162,7 @@ struct proc_priv {
     bool timers_open;         /* timeout/state timers not yet closed */
     bool kill_timer_open;
     int handles;              /* open handles of this record (timers + pipes) */
+    int memjoin_fd;           /* RUNNING: pending v1 memory join (state_timer armed), or -1 */
     int drain_phase;          /* DRAINING: 1 waiting for EOF, 2 after the final kill */
     bool no_restart;          /* stop/kill/shutdown asked: never restart */
     bool sent_kill;           /* the daemon SIGKILLed this run's tree */

@@ -466,7 +466,8 @@ static pid_t spawn_clone(struct proc_table *t, struct child_args *a, int cg_dirf
  * On hybrid hierarchies the memory controller is v1, where only a migration (a write to
  * cgroup.procs, costing an RCU grace period: 10-25 ms measured here) can place a process.
  * Done in the child it would stall the spawn; so unless a memory limit must hold from the
- * first instruction, the child execs at once and a libuv threadpool job moves it. What the
+ * first instruction, the child execs at once and, if it still runs PROC_MEMJOIN_DELAY_MS
+ * later (proc.c), a libuv threadpool job moves it: short commands never pay for it. What the
  * leader forks before the move stays in the daemon's memory cgroup (still in its own cgroup2
  * dir, so tree kills are unaffected); only OOM attribution of those early forks is lost.
  */
@@ -494,7 +495,7 @@ static void memjoin_done(uv_work_t *w, int status)
     free(m);
 }
 
-static void memjoin_start(struct proc_table *t, int fd, pid_t pid)
+void proc__memjoin_start(struct proc_table *t, int fd, pid_t pid)
 {
     struct memjoin *m = xcalloc(1, sizeof(*m));
     m->fd = fd;
@@ -639,10 +640,8 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
         goto fail;
     }
 
-    if (memjoin_fd >= 0) {
-        memjoin_start(t, memjoin_fd, pid);
-        memjoin_fd = -1;
-    }
+    ret->memjoin_fd = memjoin_fd; /* the core decides when (proc__memjoin_start) */
+    memjoin_fd = -1;
     ret->pid = pid;
     ret->fd_stdin = in[1];
     ret->fd_stdout = out[0];
