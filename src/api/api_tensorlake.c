@@ -358,27 +358,6 @@ out:
  * Output formatting: SSE events and the JSON line arrays
  */
 
-static void put_u64(struct sbuf *sb, uint64_t v)
-{
-    char tmp[24];
-    int i = (int)sizeof(tmp);
-    do {
-        tmp[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v != 0);
-    sbuf_append(sb, tmp + i, sizeof(tmp) - (size_t)i);
-}
-
-static void put_i64(struct sbuf *sb, int64_t v)
-{
-    if (v < 0) {
-        sbuf_putc(sb, '-');
-        put_u64(sb, (uint64_t)0 - (uint64_t)v);
-    } else {
-        put_u64(sb, (uint64_t)v);
-    }
-}
-
 /* The line as clients see it: without the '\r' of a "\r\n" ending. */
 static size_t line_len(const struct obuf_rec *rec)
 {
@@ -407,7 +386,7 @@ static void sse_line(struct sbuf *sb, const char *data, size_t n, int64_t ts, in
 
     if (ts != cached_ts) {
         sbuf_reset(&ts_txt);
-        put_i64(&ts_txt, ts);
+        sbuf_put_i64(&ts_txt, ts);
         cached_ts = ts;
     }
     const char *post = stream == OBUF_STDERR ? post_err : post_out;
@@ -471,12 +450,12 @@ static void sse_gap(struct ostream *s, uint64_t log_bytes, struct sbuf *sb)
     obuf_get_stats(ostream_proc(s)->out, &st);
     uint64_t dropped = dropped_for(c, &st);
     sbuf_append(sb, "data: {\"line\":\"[sandboxd: ", 26);
-    put_u64(sb, dropped);
+    sbuf_put_u64(sb, dropped);
     sbuf_puts(sb, " bytes of earlier output were dropped]\",\"timestamp\":");
-    put_i64(sb, now_ms());
+    sbuf_put_i64(sb, now_ms());
     sbuf_printf(sb, ",\"stream\":\"%s\",\"truncated\":true,\"dropped_bytes\":",
                 stream_name(c->stream == OBUF_STDERR ? OBUF_STDERR : OBUF_STDOUT));
-    put_u64(sb, dropped);
+    sbuf_put_u64(sb, dropped);
     sbuf_puts(sb, "}\n\n");
 }
 
@@ -506,11 +485,11 @@ static void run_begin(struct ostream *s, struct sbuf *sb)
 {
     struct proc *p = ostream_proc(s);
     sbuf_puts(sb, "data: {\"handle\":");
-    put_u64(sb, p->handle);
+    sbuf_put_u64(sb, p->handle);
     sbuf_puts(sb, ",\"pid\":");
-    put_i64(sb, p->pid);
+    sbuf_put_i64(sb, p->pid);
     sbuf_puts(sb, ",\"started_at\":");
-    put_i64(sb, p->started_ms);
+    sbuf_put_i64(sb, p->started_ms);
     sbuf_puts(sb, "}\n\n");
 }
 
@@ -575,7 +554,7 @@ static const struct ostream_ops follow_ops = {
 static void lines_begin(struct ostream *s, struct sbuf *sb)
 {
     sbuf_puts(sb, "{\"pid\":");
-    put_i64(sb, ostream_proc(s)->pid);
+    sbuf_put_i64(sb, ostream_proc(s)->pid);
     sbuf_puts(sb, ",\"lines\":[");
 }
 
@@ -599,9 +578,9 @@ static void lines_end(struct ostream *s, struct sbuf *sb)
     struct obuf_stats st;
     obuf_get_stats(ostream_proc(s)->out, &st);
     sbuf_puts(sb, "],\"line_count\":");
-    put_u64(sb, c->count);
+    sbuf_put_u64(sb, c->count);
     sbuf_printf(sb, ",\"truncated\":%s,\"dropped_bytes\":", st.truncated ? "true" : "false");
-    put_u64(sb, dropped_for(c, &st));
+    sbuf_put_u64(sb, dropped_for(c, &st));
     sbuf_putc(sb, '}');
     out_ctx_free(s);
 }

@@ -265,15 +265,9 @@ void json_str(struct json_w *w, const char *s)
 
 static void put_u64(struct sbuf *sb, uint64_t v, bool neg)
 {
-    char tmp[24];
-    size_t i = sizeof(tmp);
-    do {
-        tmp[--i] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v);
     if (neg)
-        tmp[--i] = '-';
-    sbuf_append(sb, tmp + i, sizeof(tmp) - i);
+        sbuf_putc(sb, '-');
+    sbuf_put_u64(sb, v);
 }
 
 void json_int(struct json_w *w, int64_t v)

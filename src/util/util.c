@@ -288,3 +288,24 @@ void strv_free(char **v)
         free(v[i]);
     free(v);
 }
+
+void sbuf_put_u64(struct sbuf *sb, uint64_t v)
+{
+    char tmp[24];
+    size_t i = sizeof(tmp);
+    do {
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v != 0);
+    sbuf_append(sb, tmp + i, sizeof(tmp) - i);
+}
+
+void sbuf_put_i64(struct sbuf *sb, int64_t v)
+{
+    if (v < 0) {
+        sbuf_putc(sb, '-');
+        sbuf_put_u64(sb, 0 - (uint64_t)v); /* unsigned negation: INT64_MIN is fine */
+    } else {
+        sbuf_put_u64(sb, (uint64_t)v);
+    }
+}

@@ -49,6 +49,8 @@ void sbuf_putc(struct sbuf *sb, char c);
 void sbuf_printf(struct sbuf *sb, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void sbuf_vprintf(struct sbuf *sb, const char *fmt, va_list ap);
 char *sbuf_steal(struct sbuf *sb);               /* returns buf (caller frees), sb becomes empty */
+void sbuf_put_u64(struct sbuf *sb, uint64_t v);  /* decimal, no printf on hot paths */
+void sbuf_put_i64(struct sbuf *sb, int64_t v);
 
 /* ---- intrusive doubly linked circular list (libuv QUEUE / h2o linklist) ---- */
 struct list {
