@@ -97,6 +97,11 @@ static void read_tails(struct proc *p, size_t limit, struct sbuf *out, struct sb
     uint64_t cursor = 0, cut_out = 0, cut_err = 0;
 
     obuf_get_stats(p->out, &st);
+    if (limit == 0) { /* nothing inlined: everything counts as cut */
+        *ret_cut_out = st.bytes[OBUF_STDOUT];
+        *ret_cut_err = st.bytes[OBUF_STDERR];
+        return;
+    }
     cursor = obuf_seek_back(p->out, st.end_off, 4 * (uint64_t)limit + 64 * 1024);
     for (;;) {
         uint64_t base = cursor;
@@ -746,17 +751,30 @@ out:
  * The other routes
  */
 
+/* GET /process inlines the tail of every record's output; LIST_INLINE_BUDGET bounds the
+ * answer (and the memory it takes) however many records there are. Records are listed newest
+ * first (Blaxel leaves the order open) and get their tails while the answer is under budget;
+ * older ones carry only the "truncated" line saying how much GET /process/{id}/logs shows. */
+#define LIST_INLINE_BUDGET (16 * 1024 * 1024)
+
 static void h_list(struct app *app, struct http_req *r)
 {
     struct sbuf sb = SBUF_INIT;
     struct json_w w;
+    size_t n = proc_count_total(app->procs), i = 0;
+    struct proc **ps = xcalloc(n + 1, sizeof(*ps));
+
+    for (struct proc *p = proc_first(app->procs); p != NULL && i < n; p = proc_next(p))
+        ps[i++] = p;
+    n = i;
     json_init(&w, &sb);
     json_arr_begin(&w);
-    for (struct proc *p = proc_first(app->procs); p != NULL; p = proc_next(p))
-        write_response(&w, p, INLINE_TAIL);
+    for (i = n; i-- > 0;)
+        write_response(&w, ps[i], sb.len < LIST_INLINE_BUDGET ? INLINE_TAIL : 0);
     json_arr_end(&w);
     http_reply_json(r, 200, &sb);
     sbuf_free(&sb);
+    free(ps);
 }
 
 static void h_logs(struct http_req *r, struct proc *p)

@@ -837,3 +837,26 @@ def test_restart_marker_and_final_state(d):
     assert lines[0] == "run" and lines[-1] == "run" and len(lines) == 3, lines
     assert lines[1] == "[Process failed with exit code 9. Attempting restart 1/1...]", lines
     assert j["stderr"] == "oops\noops\n", j
+
+
+def test_list_inlined_output_is_bounded():
+    # GET /process inlines each record's output tail (64 KiB per stream); the answer is
+    # capped at about 16 MiB (newest records first), so it never grows without bound.
+    # 300 processes x 128 KiB of stdout: only the newest ~250 tails fit.
+    with Daemon() as dm:
+        pids = []
+        for i in range(300):
+            r = bl_start(dm, "head -c 131072 /dev/zero | tr '\\0' a", name="big-%d" % i,
+                         waitForCompletion=True)
+            assert r["status"] == "completed", r
+            pids.append(r["pid"])
+        r = dm.get("/process")
+        assert r.status == 200
+        assert len(r.body) < (17 << 20), "list answer of %d bytes" % len(r.body)
+        by_pid = {e["pid"]: e for e in r.json()}
+        newest, oldest = by_pid[pids[-1]], by_pid[pids[0]]
+        assert newest["stdout"].endswith("a" * 65536), newest["stdout"][:200]
+        assert oldest["stdout"].startswith("[... truncated: 131072 earlier bytes"), \
+            oldest["stdout"][:200]
+        # The record itself still has everything.
+        assert len(bl_logs(dm, pids[0])["stdout"]) == 131072
