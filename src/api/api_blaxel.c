@@ -145,6 +145,26 @@ static void put_tail(struct sbuf *dst, const struct sbuf *tail, uint64_t cut)
     sbuf_append(dst, tail->buf ? tail->buf : "", tail->len);
 }
 
+/* Writes the "stdout", "stderr" and "logs" keys: the last `limit` bytes of each stream
+ * (0: none), each led by a line saying how much was cut; logs is stdout + stderr. */
+static void write_outputs(struct json_w *w, struct proc *p, size_t limit)
+{
+    struct sbuf out = SBUF_INIT, err = SBUF_INIT, a = SBUF_INIT, b = SBUF_INIT;
+    uint64_t cut_out = 0, cut_err = 0;
+
+    read_tails(p, limit, &out, &err, &cut_out, &cut_err);
+    put_tail(&a, &out, cut_out);
+    put_tail(&b, &err, cut_err);
+    json_kv_strn(w, "stdout", a.buf ? a.buf : "", a.len);
+    json_kv_strn(w, "stderr", b.buf ? b.buf : "", b.len);
+    sbuf_append(&a, b.buf ? b.buf : "", b.len);
+    json_kv_strn(w, "logs", a.buf ? a.buf : "", a.len);
+    sbuf_free(&out);
+    sbuf_free(&err);
+    sbuf_free(&a);
+    sbuf_free(&b);
+}
+
 static void command_line(const struct proc *p, struct sbuf *sb)
 {
     sbuf_puts(sb, p->command);
@@ -158,8 +178,7 @@ static void command_line(const struct proc *p, struct sbuf *sb)
 static void write_response(struct json_w *w, struct proc *p, size_t limit)
 {
     char tbuf[64];
-    struct sbuf cmd = SBUF_INIT, out = SBUF_INIT, err = SBUF_INIT, a = SBUF_INIT, b = SBUF_INIT;
-    uint64_t cut_out = 0, cut_err = 0;
+    struct sbuf cmd = SBUF_INIT;
 
     json_obj_begin(w);
     json_key(w, "pid");
@@ -182,23 +201,13 @@ static void write_response(struct json_w *w, struct proc *p, size_t limit)
     json_kv_str(w, "completedAt", tbuf);
     json_kv_int(w, "exitCode", bl_exit_code(p));
     json_kv_str(w, "workingDir", p->cwd_display ? p->cwd_display : "");
-    read_tails(p, limit, &out, &err, &cut_out, &cut_err);
-    put_tail(&a, &out, cut_out);
-    put_tail(&b, &err, cut_err);
-    json_kv_strn(w, "stdout", a.buf ? a.buf : "", a.len);
-    json_kv_strn(w, "stderr", b.buf ? b.buf : "", b.len);
-    sbuf_append(&a, b.buf ? b.buf : "", b.len);
-    json_kv_strn(w, "logs", a.buf ? a.buf : "", a.len);
+    write_outputs(w, p, limit);
     json_kv_bool(w, "restartOnFailure", p->restart_on_failure);
     json_kv_int(w, "maxRestarts", p->max_restarts);
     json_kv_int(w, "restartCount", p->restart_count);
     json_kv_bool(w, "keepAlive", p->keep_alive);
     json_obj_end(w);
     sbuf_free(&cmd);
-    sbuf_free(&out);
-    sbuf_free(&err);
-    sbuf_free(&a);
-    sbuf_free(&b);
 }
 
 static void reply_response(struct http_req *r, struct proc *p, size_t limit)
@@ -779,26 +788,15 @@ static void h_list(struct app *app, struct http_req *r)
 
 static void h_logs(struct http_req *r, struct proc *p)
 {
-    struct sbuf sb = SBUF_INIT, out = SBUF_INIT, err = SBUF_INIT, a = SBUF_INIT, b = SBUF_INIT;
-    uint64_t cut_out, cut_err;
+    struct sbuf sb = SBUF_INIT;
     struct json_w w;
 
-    read_tails(p, LOGS_TAIL, &out, &err, &cut_out, &cut_err);
-    put_tail(&a, &out, cut_out);
-    put_tail(&b, &err, cut_err);
     json_init(&w, &sb);
     json_obj_begin(&w);
-    json_kv_strn(&w, "stdout", a.buf ? a.buf : "", a.len);
-    json_kv_strn(&w, "stderr", b.buf ? b.buf : "", b.len);
-    sbuf_append(&a, b.buf ? b.buf : "", b.len);
-    json_kv_strn(&w, "logs", a.buf ? a.buf : "", a.len);
+    write_outputs(&w, p, LOGS_TAIL);
     json_obj_end(&w);
     http_reply_json(r, 200, &sb);
     sbuf_free(&sb);
-    sbuf_free(&out);
-    sbuf_free(&err);
-    sbuf_free(&a);
-    sbuf_free(&b);
 }
 
 static void h_stop(struct app *app, struct http_req *r, struct proc *p, const char *id)

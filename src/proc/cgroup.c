@@ -388,8 +388,8 @@ int proc__cg_init(struct proc_table *t)
 
 static void close_fds(struct proc_table *t, struct proc_cg *c)
 {
-    int *fds[4] = {&c->fd_procs[0], &c->fd_procs[1], &c->fd_events, &c->fd_oom};
-    for (int i = 0; i < 4; i++) {
+    int *fds[5] = {&c->fd_procs[0], &c->fd_procs[1], &c->fd_events, &c->fd_oom, &c->fd_dir};
+    for (int i = 0; i < 5; i++) {
         if (*fds[i] >= 0)
             close(*fds[i]);
         *fds[i] = -1;
@@ -417,9 +417,10 @@ static void open_fds(struct proc_table *t, struct proc_cg *c)
     c->fd_events = open_in(c->v2, "cgroup.events", O_RDONLY);
     c->fd_oom = open_in(c->mem, t->cg.mem_is_v2 ? "memory.events" : "memory.oom_control",
                         O_RDONLY);
+    c->fd_dir = c->v2 != NULL ? open(c->v2, O_PATH | O_DIRECTORY | O_CLOEXEC) : -1;
     c->hot = true;
     t->cg.nhot++;
-    if ((c->v2 != NULL && (c->fd_procs[0] < 0 || c->fd_events < 0)) ||
+    if ((c->v2 != NULL && (c->fd_procs[0] < 0 || c->fd_events < 0 || c->fd_dir < 0)) ||
         (c->mem != NULL && c->mem != c->v2 && c->fd_procs[1] < 0) ||
         (c->mem != NULL && c->fd_oom < 0))
         close_fds(t, c); /* all or nothing: paths are used instead */
@@ -441,7 +442,7 @@ static struct proc_cg *cg_create(struct proc_table *t)
     struct proc_cgroups *g = &t->cg;
     struct proc_cg *c = xcalloc(1, sizeof(*c));
     list_init(&c->link);
-    c->fd_procs[0] = c->fd_procs[1] = c->fd_events = c->fd_oom = -1;
+    c->fd_procs[0] = c->fd_procs[1] = c->fd_events = c->fd_oom = c->fd_dir = -1;
     uint64_t n = ++g->seq;
     if (g->v2_base != NULL) {
         c->v2 = xasprintf("%s/c%llu", g->v2_base, (unsigned long long)n);

@@ -49,6 +49,7 @@ struct proc_cg {
     int fd_procs[2];    /* cgroup.procs of v2 and of the v1 memory dir (O_WRONLY), or -1 */
     int fd_events;      /* v2 cgroup.events, or -1 */
     int fd_oom;         /* memory.oom_control (v1) / memory.events (v2), or -1 */
+    int fd_dir;         /* the cgroup2 dir itself (O_PATH), for clone3's CLONE_INTO_CGROUP */
 };
 
 struct proc_cgroups {

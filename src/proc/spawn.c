@@ -588,7 +588,7 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     }
 
     if (cg != NULL && cg->v2 != NULL)
-        cg_dirfd = open(cg->v2, O_PATH | O_DIRECTORY | O_CLOEXEC);
+        cg_dirfd = cg->hot ? cg->fd_dir : open(cg->v2, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (cg_dirfd >= 0 && cg->mem != cg->v2 && cg_fd[1] >= 0 && s->memory_limit == 0)
         memjoin_fd = fcntl(cg_fd[1], F_DUPFD_CLOEXEC, 3);
 
@@ -615,7 +615,7 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     pid = spawn_clone(t, &a, cg_dirfd);
     int clone_errno = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (cg_dirfd >= 0)
+    if (cg_dirfd >= 0 && !cg->hot)
         close(cg_dirfd);
 
     close_fd(&in[0]);
