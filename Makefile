@@ -12,7 +12,7 @@ WERROR ?= -Werror
 OPT    ?= -O2 -g
 CPPFLAGS_ALL := -D_GNU_SOURCE -Isrc -I$(LLHTTP_INC)
 CFLAGS_ALL   := -std=c17 $(OPT) $(WARN) $(WERROR) -fno-strict-aliasing $(EXTRA_CFLAGS)
-LDLIBS_ALL   := -luv -ljansson -lm
+LDLIBS_ALL   := -Wl,-Bstatic -luv_a -ljansson -Wl,-Bdynamic
 
 SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 

@@ -335,7 +335,7 @@ static struct proc *start_from_request(struct app *app, struct http_req *r, bool
     spec.stdin_mode = run ? PROC_STDIN_CLOSED : q.stdin_mode;
     spec.capture_stdout = run || q.cap_out;
     spec.capture_stderr = run || q.cap_err;
-    spec.timeout_ms = (uint64_t)llround(q.timeout_s * 1000.0);
+    spec.timeout_ms = (uint64_t)(q.timeout_s * 1000.0 + 0.5); /* checked: 0 <= s <= 1e9 */
     if (q.timeout_s > 0 && spec.timeout_ms == 0)
         spec.timeout_ms = 1;
     spec.kill_tree_on_exit = true;

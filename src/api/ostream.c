@@ -202,7 +202,8 @@ struct ostream *ostream_start(struct app *app, struct http_req *r, struct proc *
     if (ops->begin != NULL) {
         sbuf_reset(&fmt);
         ops->begin(s, &fmt);
-        flush_fmt(s);
+        http_stream_write_held(r, fmt.buf, fmt.len);
+        sbuf_reset(&fmt);
     }
     proc_watch_add(p, &s->watch, on_proc_event, s);
     pump(s);

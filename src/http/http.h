@@ -103,12 +103,15 @@ struct http_stream_ops {
  * stop) before it completed. After it runs, r is invalid. */
 void http_req_on_abort(struct http_req *r, void (*cb)(struct http_req *r, void *arg), void *arg);
 
-/* Sends the status line and headers with Transfer-Encoding: chunked (not sent yet: queued and
- * coalesced with the first chunk). */
+/* Sends the status line and headers with Transfer-Encoding: chunked (not sent yet: queued
+ * and coalesced with the first chunk, or the end, for up to a few ms). */
 void http_stream_begin(struct http_req *r, int status, const char *content_type,
                        const char *extra_headers, const struct http_stream_ops *ops, void *arg);
 /* Queues one chunk (copied). Never blocks; check http_stream_queued() to apply backpressure. */
 void http_stream_write(struct http_req *r, const char *data, size_t n);
+/* The same for a chunk that belongs with the head (a stream's opening event): it waits with
+ * the head instead of being written at the next loop turn. */
+void http_stream_write_held(struct http_req *r, const char *data, size_t n);
 /* Gives the caller a place to format directly into the send buffer: returns a pointer to at
  * least n writable bytes; commit with http_stream_commit(r, used). */
 char *http_stream_reserve(struct http_req *r, size_t n);

@@ -21,6 +21,9 @@
 #include "json/json.h"
 #include "server/server.h"
 
+#define STREAM_CORK_MS 10            /* a streamed head waits this long for company */
+#define STREAM_WRITE_NOW (16 * 1024) /* queued stream bytes written without waiting */
+
 const char *http_status_text(int status)
 {
     switch (status) {
@@ -204,8 +207,21 @@ void http_stream_begin(struct http_req *r, int status, const char *content_type,
         r->keep_alive = false;
     c->resp_keep_alive = r->keep_alive;
     put_head(&c->out, status, content_type, extra_headers, c->chunked ? -1 : -2, r->keep_alive);
-    /* Not written now: the first chunks of this loop turn join the headers (see conn.c). */
-    srv__conn_kick(c);
+    /* Not written now: the head waits for the first chunk, or the end, up to STREAM_CORK_MS,
+     * so a command that ends at once is answered in one write (one wakeup of the client). */
+    srv__conn_kick(c, STREAM_CORK_MS);
+}
+
+/* Small chunks leave at the start of the next loop turn with whatever else this turn
+ * queued (an exit event and the end of the body, say); big ones at once. */
+static void stream_flush(struct http_conn *c)
+{
+    if (c->writing)
+        return; /* on_write sends what queued up meanwhile */
+    if (c->out.len >= STREAM_WRITE_NOW)
+        srv__conn_flush(c);
+    else
+        srv__conn_kick(c, 0);
 }
 
 static unsigned hex_width(size_t n)
@@ -230,7 +246,7 @@ char *http_stream_reserve(struct http_req *r, size_t n)
     return c->chunked ? p + hw + 2 : p;
 }
 
-void http_stream_commit(struct http_req *r, size_t used)
+static void commit(struct http_req *r, size_t used, bool flush)
 {
     static const char hexdig[] = "0123456789abcdef";
     struct http_conn *c = r->conn;
@@ -256,7 +272,13 @@ void http_stream_commit(struct http_req *r, size_t used)
     c->out.buf[c->out.len] = '\0';
     if (http_stream_queued(r) >= HTTP_STREAM_HIGH)
         c->above_high = true;
-    srv__conn_flush(c);
+    if (flush)
+        stream_flush(c);
+}
+
+void http_stream_commit(struct http_req *r, size_t used)
+{
+    commit(r, used, true);
 }
 
 #define CHUNK_HDR "00000000\r\n" /* fixed width, so the body can be formatted before its size */
@@ -296,7 +318,7 @@ void http_stream_chunk_end(struct http_req *r)
     }
     if (http_stream_queued(r) >= HTTP_STREAM_HIGH)
         c->above_high = true;
-    srv__conn_flush(c);
+    stream_flush(c);
 }
 
 void http_stream_write(struct http_req *r, const char *data, size_t n)
@@ -304,7 +326,15 @@ void http_stream_write(struct http_req *r, const char *data, size_t n)
     if (n == 0)
         return;
     memcpy(http_stream_reserve(r, n), data, n);
-    http_stream_commit(r, n);
+    commit(r, n, true);
+}
+
+void http_stream_write_held(struct http_req *r, const char *data, size_t n)
+{
+    if (n == 0)
+        return;
+    memcpy(http_stream_reserve(r, n), data, n);
+    commit(r, n, false);
 }
 
 size_t http_stream_queued(const struct http_req *r)

@@ -93,8 +93,6 @@ void proc__table_handle_closed(struct proc_table *t)
 static void free_record(struct proc *p)
 {
     struct proc_rec *r = container_of(p, struct proc_rec, pub);
-    if (p->priv->memjoin_fd >= 0)
-        close(p->priv->memjoin_fd);
     proc__spec_free(&p->priv->spec);
     free(p->name);
     free(p->command);
@@ -330,13 +328,16 @@ static void mark_dirty(struct proc *p)
         uv_check_start(&t->flush_check, on_check);
 }
 
-/* One flush and one PROC_EV_OUTPUT per batch of reads (per loop iteration). */
+/* One flush and one PROC_EV_OUTPUT per batch of reads (per loop iteration), or sooner: see
+ * on_read. */
 static void flush_output(struct proc *p)
 {
     struct proc_priv *pv = p->priv;
     if (!pv->dirty)
         return;
     pv->dirty = false;
+    pv->flushed_once = true;
+    pv->unflushed = 0;
     list_remove(&pv->dirty_link);
     obuf_flush(p->out);
     account(p);
@@ -403,8 +404,24 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     struct proc_pipe *pp = container_of((uv_pipe_t *)s, struct proc_pipe, h);
     struct proc *p = pp->p;
     if (nread > 0) {
+        /* A read that filled the buffer: a fast writer. Room for its bursts, so it keeps
+         * running while the loop formats what it read, with fewer wakeups. Not done at spawn:
+         * most commands never need it, and it is two syscalls. Failure (a lower
+         * pipe-max-size, the per-user pipe budget) just keeps the 64 KiB default. */
+        if (!pp->grown && (size_t)nread == sizeof(read_buf)) {
+            uv_os_fd_t fd;
+            pp->grown = true;
+            if (uv_fileno((uv_handle_t *)s, &fd) == 0)
+                (void)fcntl(fd, F_SETPIPE_SZ, PROC_CAPTURE_PIPE_SIZE);
+        }
         obuf_write(p->out, pp->stream, buf->base, (size_t)nread, now_ms());
         mark_dirty(p);
+        /* libuv reads up to 32 buffers per wakeup: a fast writer would make watchers wait
+         * for megabytes. The first output goes out at once (time to first byte), and later
+         * batches every PROC_FLUSH_BATCH bytes, so the socket writes overlap the reads. */
+        p->priv->unflushed += (size_t)nread;
+        if (!p->priv->flushed_once || p->priv->unflushed >= PROC_FLUSH_BATCH)
+            flush_output(p);
         return;
     }
     if (nread == 0)
@@ -603,22 +620,19 @@ static void on_memjoin_timer(uv_timer_t *h)
 {
     struct proc *p = h->data;
     struct proc_priv *pv = p->priv;
-    int fd = pv->memjoin_fd;
-    pv->memjoin_fd = -1;
-    if (fd >= 0 && proc_is_running(p))
-        proc__memjoin_start(p->table, fd, p->pid);
-    else if (fd >= 0)
-        close(fd);
+    bool pending = pv->memjoin;
+    pv->memjoin = false;
+    if (pending && proc_is_running(p) && pv->cg != NULL)
+        proc__memjoin_start(p->table, pv->cg, p->pid);
 }
 
 /* The leader is gone (or the record goes): a pending join has nothing left to move. */
 static void memjoin_cancel(struct proc *p)
 {
     struct proc_priv *pv = p->priv;
-    if (pv->memjoin_fd < 0)
+    if (!pv->memjoin)
         return;
-    close(pv->memjoin_fd);
-    pv->memjoin_fd = -1;
+    pv->memjoin = false;
     uv_timer_stop(&pv->state_timer); /* only the join uses it while the leader runs */
 }
 
@@ -642,6 +656,7 @@ static void run_started(struct proc *p, const struct proc_child *c)
     p->term_signal = 0;
     p->core_dumped = false;
     pv->sent_kill = false;
+    pv->flushed_once = false;
     pv->drain_phase = 0;
     pv->stdin_queued = 0;
     pv->stdin_close_pending = false;
@@ -654,8 +669,8 @@ static void run_started(struct proc *p, const struct proc_child *c)
         pv->pipes[1] = open_pipe(p, OBUF_STDOUT, c->fd_stdout);
     if (c->fd_stderr >= 0)
         pv->pipes[2] = open_pipe(p, OBUF_STDERR, c->fd_stderr);
-    if (c->memjoin_fd >= 0) {
-        pv->memjoin_fd = c->memjoin_fd;
+    if (c->memjoin) {
+        pv->memjoin = true;
         uv_timer_start(&pv->state_timer, on_memjoin_timer, PROC_MEMJOIN_DELAY_MS, 0);
     }
     if (p->timeout_ms > 0) {
@@ -1005,7 +1020,6 @@ int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc *
     uv_timer_init(t->loop, &pv->state_timer);
     uv_timer_init(t->loop, &pv->kill_timer);
     pv->timeout_timer.data = pv->state_timer.data = pv->kill_timer.data = p;
-    pv->memjoin_fd = -1;
     pv->timers_open = pv->kill_timer_open = true;
     pv->handles += 3;
     t->handles += 3;

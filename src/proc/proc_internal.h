@@ -23,6 +23,8 @@
 #define PROC_MEMJOIN_DELAY_MS 20       /* a run alive this long joins its v1 memory cgroup */
 #define PROC_STACK_SIZE (256 * 1024)   /* the clone child's stack (reused by every spawn) */
 #define PROC_DRAIN_READ_MAX (4u << 20) /* bytes read synchronously when a pipe is force-closed */
+#define PROC_CAPTURE_PIPE_SIZE (1024u * 1024) /* a capture pipe once a read filled the buffer */
+#define PROC_FLUSH_BATCH (128u * 1024) /* unflushed bytes that trigger a flush inside a read burst */
 #define PROC_HEALTHY_RUN_MS 10000      /* a run this long resets the restart back-off */
 
 /* ---- cgroups (cgroup.c) ---- */
@@ -127,14 +129,14 @@ struct proc_child {
     int fd_stdout;
     int fd_stderr;
     struct proc_cg *cg;      /* NULL: tree is the process group */
-    int memjoin_fd;          /* v1 memory cgroup.procs to join later (proc__memjoin_start), or -1 */
+    bool memjoin;            /* the v1 memory cgroup is to be joined later (proc__memjoin_start) */
 };
 
 int proc__spec_copy(const struct proc_spec *in, struct proc_run_spec *out, char *err,
                     size_t errlen);
 void proc__spec_free(struct proc_run_spec *s);
-/* Moves pid into the memory cgroup behind fd off the loop (threadpool); takes the fd. */
-void proc__memjoin_start(struct proc_table *t, int fd, pid_t pid);
+/* Moves pid into cg's v1 memory cgroup off the loop (a threadpool job with its own fd). */
+void proc__memjoin_start(struct proc_table *t, const struct proc_cg *cg, pid_t pid);
 /* Starts one run. On failure nothing is left behind (the failed child is reaped). */
 int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc_child *ret,
                 char *err, size_t errlen);
@@ -149,6 +151,7 @@ struct proc_pipe {
     struct proc *p;
     int stream;              /* 0 for stdin, OBUF_STDOUT, OBUF_STDERR */
     bool closing;
+    bool grown;              /* capture pipe enlarged to PROC_CAPTURE_PIPE_SIZE */
 };
 
 struct proc_priv {
@@ -163,11 +166,13 @@ struct proc_priv {
     bool timers_open;         /* timeout/state timers not yet closed */
     bool kill_timer_open;
     int handles;              /* open handles of this record (timers + pipes) */
-    int memjoin_fd;           /* RUNNING: pending v1 memory join (state_timer armed), or -1 */
+    bool memjoin;             /* RUNNING: pending v1 memory join (state_timer armed) */
     int drain_phase;          /* DRAINING: 1 waiting for EOF, 2 after the final kill */
     bool no_restart;          /* stop/kill/shutdown asked: never restart */
     bool sent_kill;           /* the daemon SIGKILLed this run's tree */
     bool dirty;
+    bool flushed_once;        /* some output of this run has been flushed to watchers */
+    size_t unflushed;         /* bytes read since the last flush */
     bool freeing;             /* evicted: free the memory when handles == 0 */
     uint32_t backoff_ms;      /* next restart delay */
     size_t stdin_queued;

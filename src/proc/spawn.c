@@ -178,24 +178,21 @@ static const char *env_get(char *const *env, const char *key)
     return NULL;
 }
 
-/* execvp's lookup, on the PATH of the child's environment, done in the parent. */
+/* execvp's lookup, on the PATH of the child's environment, done in the parent (a failed
+ * exec in the child cannot tell which PATH entries it tried). */
 static int resolve_file(const struct proc_run_spec *s, char *buf, size_t cap, char *err,
                         size_t errlen)
 {
     const char *file = s->file;
     int rc;
     if (strchr(file, '/') != NULL) {
-        if (file[0] == '/' || s->cwd == NULL) {
-            if (strlen(file) >= cap)
-                rc = -ENAMETOOLONG;
-            else {
-                memcpy(buf, file, strlen(file) + 1);
-                rc = check_candidate(buf, s);
-            }
-        } else {
-            rc = join_path(buf, cap, NULL, s->cwd, strlen(s->cwd), file);
-            if (rc == 0)
-                rc = check_candidate(buf, s);
+        /* Nothing to look up: execve itself says ENOENT/EACCES (child_error words them like
+         * the lookup below), relative to the child's cwd after its chdir. */
+        if (strlen(file) >= cap)
+            rc = -ENAMETOOLONG;
+        else {
+            memcpy(buf, file, strlen(file) + 1);
+            rc = 0;
         }
     } else {
         const char *path = env_get(s->env, "PATH");
@@ -262,8 +259,6 @@ int proc__fd_above_stdio(int fd)
 }
 
 /* pipe2(O_CLOEXEC) with both ends above 2, so the child's dup2 onto 0-2 never collides. */
-#define CAPTURE_PIPE_SIZE (1024 * 1024)
-
 static int make_pipe(int fds[2])
 {
     if (pipe2(fds, O_CLOEXEC) < 0) {
@@ -299,7 +294,29 @@ static void close_fd(int *fd)
  * raw system calls: no malloc, no stdio, no libc wrapper that takes locks or (like setuid)
  * signals other threads, and nothing ASan intercepts. Every handler is reset to SIG_DFL
  * before the mask (blocked by the parent) is cleared, so no daemon handler can run here.
+ *
+ * Which dispositions to reset is read once (reset_sigs): the caught ones (a handler must not
+ * run in the child, sharing our memory) and the ignored ones (SIG_IGN survives execve; a
+ * child gets clean defaults). That is a handful, not 62 sigaction calls per spawn. The
+ * daemon installs its handlers (libuv: SIGCHLD, SIGTERM, SIGINT) before it serves; glibc's
+ * two internal signals are always included, as they get handlers when a thread starts.
  */
+
+static unsigned char reset_sigs[NSIG];
+
+static void find_reset_sigs(void)
+{
+    size_t n = 0;
+    for (int sig = 1; sig < NSIG && n + 1 < sizeof(reset_sigs); sig++) {
+        struct sigaction sa;
+        if (sig == SIGKILL || sig == SIGSTOP)
+            continue;
+        bool internal = sig >= 32 && sig < SIGRTMIN; /* glibc's SIGCANCEL, SIGSETXID */
+        if (internal || (sigaction(sig, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL))
+            reset_sigs[n++] = (unsigned char)sig;
+    }
+    reset_sigs[n] = 0;
+}
 
 enum child_stage {
     CHILD_OK = 0,
@@ -325,6 +342,7 @@ struct child_args {
     gid_t gid;
     const gid_t *groups;
     size_t ngroups;
+    const unsigned char *reset_sigs; /* dispositions to set to SIG_DFL, 0-terminated */
     volatile int stage;       /* written by the child on failure */
     volatile int err;
 };
@@ -346,9 +364,8 @@ CHILD_FN static int child_main(void *arg)
     static const unsigned long act[8];
     static const unsigned long mask[2];
 
-    for (int sig = 1; sig < NSIG; sig++)
-        if (sig != SIGKILL && sig != SIGSTOP)
-            syscall(SYS_rt_sigaction, sig, act, NULL, NSIG / 8);
+    for (const unsigned char *sig = a->reset_sigs; *sig != 0; sig++)
+        syscall(SYS_rt_sigaction, (int)*sig, act, NULL, NSIG / 8);
     syscall(SYS_rt_sigprocmask, SIG_SETMASK, mask, NULL, NSIG / 8);
 
     if (syscall(SYS_setsid) < 0)
@@ -495,8 +512,16 @@ static void memjoin_done(uv_work_t *w, int status)
     free(m);
 }
 
-void proc__memjoin_start(struct proc_table *t, int fd, pid_t pid)
+void proc__memjoin_start(struct proc_table *t, const struct proc_cg *cg, pid_t pid)
 {
+    int fds[2], fd = -1;
+    if (proc__cg_procs_fds(cg, fds) < 0)
+        return;
+    if (fds[1] >= 0)
+        fd = fcntl(fds[1], F_DUPFD_CLOEXEC, 3); /* the job's own: the dir may be released */
+    proc__cg_procs_done(cg, fds);
+    if (fd < 0)
+        return;
     struct memjoin *m = xcalloc(1, sizeof(*m));
     m->fd = fd;
     m->pid = pid;
@@ -554,7 +579,8 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
 {
     char path[PATH_MAX];
     int in[2] = {-1, -1}, out[2] = {-1, -1}, errp[2] = {-1, -1};
-    int cg_fd[2] = {-1, -1}, cg_dirfd = -1, memjoin_fd = -1;
+    int cg_fd[2] = {-1, -1}, cg_dirfd = -1;
+    bool memjoin = false;
     struct proc_cg *cg = NULL;
     struct child_args a;
     sigset_t all, old;
@@ -572,13 +598,6 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
         snprintf(err, errlen, "cannot create pipes: %s", strerror(-rc));
         goto fail;
     }
-    /* Room for a burst of output: a fast writer keeps running while the loop formats what
-     * it read, with fewer wakeups. Pages are only allocated when used; failure (a lower
-     * pipe-max-size or the per-user pipe budget) just keeps the 64 KiB default. */
-    if (out[0] >= 0)
-        (void)fcntl(out[0], F_SETPIPE_SZ, CAPTURE_PIPE_SIZE);
-    if (errp[0] >= 0)
-        (void)fcntl(errp[0], F_SETPIPE_SZ, CAPTURE_PIPE_SIZE);
 
     cg = proc__cg_acquire(t, s->memory_limit);
     if (cg != NULL && proc__cg_procs_fds(cg, cg_fd) < 0) {
@@ -590,7 +609,7 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     if (cg != NULL && cg->v2 != NULL)
         cg_dirfd = cg->hot ? cg->fd_dir : open(cg->v2, O_PATH | O_DIRECTORY | O_CLOEXEC);
     if (cg_dirfd >= 0 && cg->mem != cg->v2 && cg_fd[1] >= 0 && s->memory_limit == 0)
-        memjoin_fd = fcntl(cg_fd[1], F_DUPFD_CLOEXEC, 3);
+        memjoin = true;
 
     memset(&a, 0, sizeof(a));
     a.path = path;
@@ -601,12 +620,15 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     a.fd[1] = out[1] >= 0 ? out[1] : t->devnull;
     a.fd[2] = errp[1] >= 0 ? errp[1] : t->devnull;
     a.cg_fd[0] = cg_fd[0];
-    a.cg_fd[1] = memjoin_fd >= 0 ? -1 : cg_fd[1]; /* else a threadpool job joins it */
+    a.cg_fd[1] = memjoin ? -1 : cg_fd[1]; /* else a threadpool job joins it */
     a.set_user = s->set_user;
     a.uid = s->uid;
     a.gid = s->gid;
     a.groups = s->groups;
     a.ngroups = (size_t)s->ngroups;
+    if (reset_sigs[0] == 0)
+        find_reset_sigs();
+    a.reset_sigs = reset_sigs;
 
     /* All signals blocked across clone: the child shares our memory and must not run a
      * daemon handler (libuv's writes into its signal pipe) before it has reset them. */
@@ -640,8 +662,7 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
         goto fail;
     }
 
-    ret->memjoin_fd = memjoin_fd; /* the core decides when (proc__memjoin_start) */
-    memjoin_fd = -1;
+    ret->memjoin = memjoin; /* the core decides when (proc__memjoin_start) */
     ret->pid = pid;
     ret->fd_stdin = in[1];
     ret->fd_stdout = out[0];
@@ -650,7 +671,6 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     return 0;
 
 fail:
-    close_fd(&memjoin_fd);
     close_fd(&in[0]);
     close_fd(&in[1]);
     close_fd(&out[0]);

@@ -306,11 +306,15 @@ void srv__conn_flush(struct http_conn *c)
     timer_update(c);
 }
 
-void srv__conn_kick(struct http_conn *c)
+void srv__conn_kick(struct http_conn *c, uint64_t ms)
 {
-    if (c->closing || c->dying || c->lingering || c->tmode == HTTP_T_KICK)
+    if (c->closing || c->dying || c->lingering)
         return;
-    timer_set(c, HTTP_T_KICK, 0);
+    uint64_t at = now(c) + ms;
+    if (c->tmode == HTTP_T_KICK && c->kick_at <= at)
+        return;
+    c->kick_at = at;
+    timer_set(c, HTTP_T_KICK, ms);
 }
 
 void srv__conn_answered(struct http_conn *c)
@@ -329,7 +333,7 @@ void srv__conn_answered(struct http_conn *c)
     srv__conn_flush(c);
     /* Completion runs from on_write (or the kick), never inside the handler's call. */
     if (!c->writing)
-        srv__conn_kick(c);
+        srv__conn_kick(c, 0);
 }
 
 /* ---- reading and parsing ---- */
@@ -337,7 +341,7 @@ void srv__conn_answered(struct http_conn *c)
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     struct http_conn *c = h->data;
-    *buf = uv_buf_init(c->srv->rbuf, sizeof(c->srv->rbuf));
+    *buf = uv_buf_init(c->srv->rbuf, SRV_READ_BUF);
 }
 
 static void reply_parse_error(struct http_conn *c)

@@ -16,6 +16,10 @@
 
 #include "server/server.h"
 
+/* In .bss, not in the calloc'ed struct: only the pages reads ever reach become resident (an
+ * idle daemon's RSS). One loop thread: every server may share it. */
+static char read_buf[SRV_READ_BUF];
+
 #define ACCEPT_BATCH 64           /* accepts per wakeup, then back to the loop */
 #define BACKOFF_MS 100
 #define LISTEN_BACKLOG 511
@@ -180,6 +184,7 @@ int http_server_start(uv_loop_t *loop, const struct http_config *cfg, struct htt
         return rc;
 
     struct http_server *s = xcalloc(1, sizeof(*s));
+    s->rbuf = read_buf;
     s->loop = loop;
     s->cfg = *cfg;
     s->cfg.host = NULL;

@@ -103,6 +103,7 @@ struct http_conn {
     struct sbuf wr;              /* being written (one uv_write in flight at most) */
     uint64_t hdr_deadline;       /* uv_now() by which the header section must be complete */
     uint64_t last_progress;      /* uv_now() of the last write progress */
+    uint64_t kick_at;            /* uv_now() at which a pending HTTP_T_KICK flushes */
     size_t last_wq;              /* write queue size seen at the last write-timer check */
     void (*abort_cb)(struct http_req *r, void *arg);
     void *abort_arg;
@@ -148,7 +149,8 @@ struct http_server {
     bool fd_short;               /* accept failed for lack of descriptors/memory */
     void (*done_cb)(void *arg);
     void *done_arg;
-    char rbuf[SRV_READ_BUF];     /* shared read buffer: reads are consumed synchronously */
+    char *rbuf;                  /* SRV_READ_BUF bytes shared by every conn (and server): reads
+                                    are consumed synchronously */
 };
 
 /* server.c, for conn.c */
@@ -164,8 +166,9 @@ void srv__conn_flush(struct http_conn *c);
 /* The handler finished its answer (plain reply or stream end): completes the request once
  * the bytes are written. For an orphan, frees the conn. */
 void srv__conn_answered(struct http_conn *c);
-/* Flushes at the start of the next loop turn, so bytes queued until then share one write. */
-void srv__conn_kick(struct http_conn *c);
+/* Flushes ms from now (0: at the start of the next loop turn), so bytes queued until then
+ * share one write; an earlier pending kick is kept. */
+void srv__conn_kick(struct http_conn *c, uint64_t ms);
 
 /* ---- response writer (http/response.c) ---- */
 

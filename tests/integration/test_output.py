@@ -352,3 +352,40 @@ def test_keepalive_comments(d):
         f.close()
         r.close()
         d.kill_proc(p["pid"])
+
+
+# ---- when stream bytes leave -----------------------------------------------------------------------
+
+def test_stream_head_of_silent_process_not_held(d):
+    """The head of a stream waits a few ms for company (the first chunk, or the end), never
+    for output that does not come."""
+    p = d.start("sleep", ["30"])
+    try:
+        t0 = time.monotonic()
+        with d.follow(p["pid"]) as s:
+            took = time.monotonic() - t0
+            assert s.status == 200, (s.status, s.response)
+            assert took < slack(0.5), "head of a silent stream held %.3f s" % took
+    finally:
+        d.kill_proc(p["pid"])
+
+
+def test_short_run_answered_in_one_piece(d):
+    """A command that ends at once gets its head, its events and the end of the body in one
+    write: the first read of the answer already holds the terminating chunk. Timing-dependent
+    (the command must end within the head's few ms), so one whole answer in ten suffices; the
+    old behaviour (head written at spawn) never gives one."""
+    body = b'{"command":"true"}'
+    whole = 0
+    for _ in range(10):
+        with d.conn(slack(10)) as c:
+            c.send(c.build_request("POST", "/api/v1/processes/run", body,
+                                   [("Accept", "text/event-stream"),
+                                    ("Content-Type", "application/json")], d.token, None))
+            first = c.read_some(1 << 20, time.monotonic() + slack(10))
+            rest = bytearray(first)
+            while not rest.endswith(b"0\r\n\r\n"):
+                rest += c.read_some(1 << 20, time.monotonic() + slack(10))
+            assert b'"exit_code":0' in rest, rest
+            whole += first.endswith(b"0\r\n\r\n")
+    assert whole >= 1, "no short run arrived in one piece"
