@@ -53,6 +53,8 @@ struct obuf {
     uint64_t flushed_off; /* logical bytes below this are in the file (or dropped) */
     uint64_t file_base;   /* logical offset of file byte 0 */
     uint64_t reclaimed;   /* logical bytes below this have had their disk space released */
+    uint64_t wb_off;      /* file offset up to which writeback was started */
+    uint64_t uncached;    /* file offset below which cached pages were let go */
 
     char *pending;        /* OBUF_PENDING_MAX bytes: logical [flushed_off, end_off) */
     size_t pending_len;
@@ -202,6 +204,7 @@ static void rewrite_file(struct obuf *b, int fd, uint64_t upto)
     }
     b->file_base = upto;
     b->reclaimed = upto;
+    b->wb_off = b->uncached = 0;
     goto out;
 fail:
     close(nfd);
@@ -209,6 +212,36 @@ fail:
 out:
     free(cbuf);
     free(tmp);
+}
+
+/* The log's pages do not stay in the page cache: every OBUF_WB_CHUNK, writeback of the new
+ * chunk is started (sync_file_range, asynchronous), and what lies more than OBUF_CACHE_KEEP
+ * behind the end, written back by then, is let go (POSIX_FADV_DONTNEED drops clean pages,
+ * skips any still in flight). A live reader reads the cached tail; a replay reads the disk.
+ * Memory stays bounded by the tail whatever a process prints, and the freed pages are
+ * reused by the next writes: on a VM whose fresh memory is faulted in by the host, writing
+ * into new page-cache pages ran at ~270 MB/s against ~1.3 GB/s into recycled ones (dd). */
+static void write_behind(struct obuf *b, uint64_t end)
+{
+    if (end < b->wb_off + OBUF_WB_CHUNK)
+        return;
+    (void)sync_file_range(b->wfd, (off_t)b->wb_off, (off_t)(end - b->wb_off),
+                          SYNC_FILE_RANGE_WRITE);
+    b->wb_off = end;
+    if (end > OBUF_CACHE_KEEP) {
+        uint64_t upto = (end - OBUF_CACHE_KEEP) & ~(uint64_t)(OBUF_WB_CHUNK - 1);
+        if (upto > b->uncached) {
+            /* Started a chunk or more ago: normally done, so the wait costs nothing; with a
+             * disk slower than the writer it is the throttle the kernel would apply anyway,
+             * at a few MiB of dirty pages instead of gigabytes. */
+            (void)sync_file_range(b->wfd, (off_t)b->uncached, (off_t)(upto - b->uncached),
+                                  SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE |
+                                      SYNC_FILE_RANGE_WAIT_AFTER);
+            (void)posix_fadvise(b->wfd, (off_t)b->uncached, (off_t)(upto - b->uncached),
+                                POSIX_FADV_DONTNEED);
+            b->uncached = upto;
+        }
+    }
 }
 
 /* Releases the disk space of dropped bytes that are already in the file. Failure only costs
@@ -306,6 +339,8 @@ static int flush_pending(struct obuf *b)
     b->pending_len = 0;
     if (r < 0)
         lose_all(b);
+    else if (n > 0)
+        write_behind(b, b->flushed_off - b->file_base);
     return r;
 }
 
@@ -362,6 +397,8 @@ static int emit(struct obuf *b, int stream, uint8_t flags, const char *p1, size_
             lose_all(b);
             if (r == 0)
                 r = w;
+        } else {
+            write_behind(b, b->flushed_off - b->file_base);
         }
     }
 

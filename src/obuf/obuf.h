@@ -54,6 +54,8 @@
 #define OBUF_REC_MAX (OBUF_HDR_SIZE + OBUF_LINE_MAX)
 #define OBUF_PENDING_MAX (64 * 1024)
 #define OBUF_SEGMENT (1024 * 1024)                /* granularity of head dropping */
+#define OBUF_WB_CHUNK (8u << 20)     /* writeback is started per this many logged bytes */
+#define OBUF_CACHE_KEEP (16u << 20)  /* the log's tail left in the page cache */
 
 #define OBUF_GAP 1   /* obuf_read: cursor was before the retained window (see there) */
 
