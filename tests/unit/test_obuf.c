@@ -504,6 +504,60 @@ TEST(obuf_read_while_appending)
     cleanup();
 }
 
+/* Past OBUF_WB_CHUNK and OBUF_CACHE_KEEP the log's older pages are written back and dropped
+ * from the page cache: a reader far behind (here: from offset 0, after 40 MiB) and one that
+ * keeps up both read every byte, in order, from the disk or the cached tail. Long (64 KiB)
+ * lines take the pwritev path, short ones the write-behind buffer. */
+TEST(obuf_big_log_reads_back_after_cache_drop)
+{
+    char *path = mkpath("log");
+    struct obuf *b = obuf_new(path, 0);
+    static char big[OBUF_LINE_MAX];
+    char line[100];
+    uint64_t live = 0, nrec = 0, nlive = 0, total = 0;
+    struct recs r = {0};
+    for (int i = 0; total < 40u * 1024 * 1024; i++) {
+        if (i % 2 == 0) {
+            memset(big, 'a' + i % 26, sizeof(big) - 1);
+            big[sizeof(big) - 1] = '\n';
+            ASSERT_EQ(obuf_write(b, OBUF_STDOUT, big, sizeof(big), i), 0);
+            total += sizeof(big);
+            nrec++;
+        } else {
+            for (int k = 0; k < 100; k++) {
+                int n = snprintf(line, sizeof(line), "%d.%d\n", i, k);
+                ASSERT_EQ(obuf_write(b, OBUF_STDERR, line, (size_t)n, i), 0);
+                total += (size_t)n;
+                nrec++;
+            }
+        }
+        ASSERT_EQ(obuf_flush(b), 0);
+        if (i % 64 == 0) { /* a reader that keeps up */
+            read_all(b, &live, OBUF_REC_MAX, &r);
+            nlive += r.n;
+            ASSERT_EQ(nlive, nrec);
+            recs_free(&r);
+        }
+    }
+    uint64_t cur = 0; /* a reader from the start */
+    read_all(b, &cur, OBUF_REC_MAX, &r);
+    ASSERT_EQ(r.n, (size_t)nrec);
+    uint64_t got = 0, nbig = 0;
+    for (size_t i = 0; i < r.n; i++) {
+        got += r.v[i].len + ((r.v[i].flags & OBUF_F_NL) ? 1 : 0);
+        if (r.v[i].stream == OBUF_STDOUT) { /* written at i = 2 * nbig */
+            char want = (char)('a' + (2 * nbig++) % 26);
+            ASSERT(r.v[i].len == sizeof(big) - 1 || r.v[i].len == sizeof(big));
+            ASSERT(r.v[i].data[0] == want && r.v[i].data[r.v[i].len / 2] == want);
+        }
+    }
+    ASSERT_EQ(got, total);
+    recs_free(&r);
+    obuf_free(b);
+    free(path);
+    cleanup();
+}
+
 /* Writes `total` bytes of numbered 100-byte lines; records each record's start offset. */
 static void write_lines(struct obuf *b, size_t total, uint64_t **ret_offs, size_t *ret_n)
 {
