@@ -68,6 +68,10 @@ struct obuf_rec;
 struct ostream_ops {
     const char *content_type;
     const char *extra_headers;   /* CRLF-terminated lines, or NULL */
+    /* The answer of the request that started the process (run, exec with streaming): the
+     * child is paced by this reader, as by a terminal, rather than outrunning it (see
+     * ostream.c). Followers never pace the child (reliability req. 13). */
+    bool paces;
     /* First bytes of the body (e.g. the run stream's start event). May be NULL. */
     void (*begin)(struct ostream *s, struct sbuf *sb);
     /* Appends the formatted record to sb (or nothing to skip it). */

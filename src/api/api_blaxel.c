@@ -478,6 +478,7 @@ static void ndjson_end(struct ostream *s, struct sbuf *sb)
 static const struct ostream_ops ndjson_ops = {
     .content_type = "application/x-ndjson",
     .extra_headers = "Cache-Control: no-cache\r\nX-Accel-Buffering: no\r\n",
+    .paces = true,
     .rec = ndjson_rec,
     .end = ndjson_end,
     .keepalive = ndjson_keepalive,

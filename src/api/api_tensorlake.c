@@ -531,6 +531,7 @@ static void follow_end_free(struct ostream *s, struct sbuf *sb)
 static const struct ostream_ops run_ops = {
     .content_type = "text/event-stream",
     .extra_headers = SSE_HEADERS,
+    .paces = true,
     .begin = run_begin,
     .rec = sse_rec,
     .gap = sse_gap,

@@ -5,8 +5,18 @@
  *
  * Why a cursor into the log and not a queue of live events: a follower that attaches late
  * gets the replay and the live tail from the same place, in one order, with no gap and no
- * duplicate; a follower that reads slowly only falls behind in the file, costing no memory
- * and never slowing the child or the other followers.
+ * duplicate; a follower that reads slowly falls behind in the file, costing no memory.
+ *
+ * Back-pressure: the answer of the request that started the process (ops->paces: a run's
+ * stream) paces the child as a terminal would. When it falls more than OSTREAM_HOLD_HI
+ * behind the log's end it holds the capture pipes (proc_hold) until it is within
+ * OSTREAM_HOLD_LO again. Without it a producer faster than the client fills the log faster
+ * than the reader drains it; the reader then falls out of the page cache and every byte is
+ * written, dropped and read back from disk (measured: 250 MiB of disk reads per 256 MiB
+ * stream, a third of the daemon's CPU). A reader that takes nothing for
+ * OSTREAM_HOLD_PATIENCE_MS while holding (a stalled or dead client) lets go, and holds again
+ * only after it has caught up, so it can never stop a process for good. Followers never
+ * hold: a slow follower must not slow the child (reliability req. 13).
  *
  * It is not a parser of records (obuf does that) nor an HTTP writer (http does that).
  */
@@ -32,7 +42,16 @@ struct ostream {
     struct proc_watch watch;
     uv_timer_t ka;
     bool ka_active;
+    struct obuf_reader rd;       /* follow: registered, so its tail stays in the page cache */
+    uv_timer_t hold_timer;       /* patience while holding */
+    bool holding;                /* a proc_hold is taken */
+    bool hold_spent;             /* let go for lack of progress: no hold until caught up */
+    int open_timers;
 };
+
+#define OSTREAM_HOLD_HI (4u << 20)
+#define OSTREAM_HOLD_LO (1u << 20)
+#define OSTREAM_HOLD_PATIENCE_MS 1000
 
 /* One scratch buffer for all pumps: the loop is single-threaded and each batch is formatted
  * and copied into the connection's send buffer before the next one is read. */
@@ -41,21 +60,65 @@ static struct sbuf fmt = SBUF_INIT;
 
 static void pump(struct ostream *s);
 
-static void on_ka_close(uv_handle_t *h)
+static void on_timer_close(uv_handle_t *h)
 {
     struct ostream *s = h->data;
+    if (--s->open_timers > 0)
+        return;
     proc_unref(s->p);
     free(s);
+}
+
+static void unhold(struct ostream *s)
+{
+    if (!s->holding)
+        return;
+    s->holding = false;
+    uv_timer_stop(&s->hold_timer);
+    proc_unhold(s->p);
+}
+
+static void on_hold_timer(uv_timer_t *t)
+{
+    struct ostream *s = t->data;
+    unhold(s);
+    s->hold_spent = true;
+}
+
+/* Takes or lets go of the process's capture pipes by how far behind this reader is; see the
+ * top of the file. progressed: the cursor moved since the last call. */
+static void update_hold(struct ostream *s, bool progressed)
+{
+    struct obuf_stats st;
+    if (!s->follow || !s->ops->paces || s->done)
+        return;
+    obuf_get_stats(s->p->out, &st);
+    uint64_t lag = st.end_off - s->cursor;
+    if (lag <= OSTREAM_HOLD_LO) {
+        s->hold_spent = false;
+        unhold(s);
+    } else if (s->holding) {
+        if (progressed)
+            uv_timer_start(&s->hold_timer, on_hold_timer, OSTREAM_HOLD_PATIENCE_MS, 0);
+    } else if (lag >= OSTREAM_HOLD_HI && !s->hold_spent && proc_is_running(s->p)) {
+        s->holding = true;
+        proc_hold(s->p);
+        uv_timer_start(&s->hold_timer, on_hold_timer, OSTREAM_HOLD_PATIENCE_MS, 0);
+    }
 }
 
 /* Releases everything; the request is no longer ours. */
 static void release(struct ostream *s)
 {
+    unhold(s);
+    if (s->follow && s->p->out != NULL) /* out is gone if the table was shut down first */
+        obuf_reader_del(s->p->out, &s->rd);
     s->done = true;
     s->r = NULL;
     proc_watch_del(&s->watch);
     uv_timer_stop(&s->ka);
-    uv_close((uv_handle_t *)&s->ka, on_ka_close);
+    uv_close((uv_handle_t *)&s->ka, on_timer_close);
+    uv_close((uv_handle_t *)&s->hold_timer, on_timer_close);
 }
 
 static void flush_fmt(struct ostream *s)
@@ -133,11 +196,13 @@ static void pump(struct ostream *s)
         return;
     }
     s->pumping = true;
+    uint64_t from = s->cursor;
     do {
         s->again = false;
         pump_once(s);
     } while (s->again && !s->done);
     s->pumping = false;
+    update_hold(s, s->cursor != from);
 }
 
 static void on_proc_event(struct proc *p, enum proc_event ev, void *arg)
@@ -195,6 +260,9 @@ struct ostream *ostream_start(struct app *app, struct http_req *r, struct proc *
     s->until = st.end_off;
     uv_timer_init(app->loop, &s->ka);
     s->ka.data = s;
+    uv_timer_init(app->loop, &s->hold_timer);
+    s->hold_timer.data = s;
+    s->open_timers = 2;
     if (keepalive_ms > 0 && ops->keepalive != NULL)
         uv_timer_start(&s->ka, on_keepalive, keepalive_ms, keepalive_ms);
     http_req_on_abort(r, on_abort, s);
@@ -204,6 +272,10 @@ struct ostream *ostream_start(struct app *app, struct http_req *r, struct proc *
         ops->begin(s, &fmt);
         http_stream_write_held(r, fmt.buf, fmt.len);
         sbuf_reset(&fmt);
+    }
+    if (follow) {
+        s->rd.cursor = &s->cursor;
+        obuf_reader_add(p->out, &s->rd);
     }
     proc_watch_add(p, &s->watch, on_proc_event, s);
     pump(s);

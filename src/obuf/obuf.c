@@ -55,6 +55,7 @@ struct obuf {
     uint64_t reclaimed;   /* logical bytes below this have had their disk space released */
     uint64_t wb_off;      /* file offset up to which writeback was started */
     uint64_t uncached;    /* file offset below which cached pages were let go */
+    struct obuf_reader *readers;  /* live readers: their pages stay cached */
 
     char *pending;        /* OBUF_PENDING_MAX bytes: logical [flushed_off, end_off) */
     size_t pending_len;
@@ -217,7 +218,8 @@ out:
 /* The log's pages do not stay in the page cache: every OBUF_WB_CHUNK, writeback of the new
  * chunk is started (sync_file_range, asynchronous), and what lies more than OBUF_CACHE_KEEP
  * behind the end, written back by then, is let go (POSIX_FADV_DONTNEED drops clean pages,
- * skips any still in flight). A live reader reads the cached tail; a replay reads the disk.
+ * skips any still in flight), unless a registered live reader has not read it yet (within
+ * OBUF_CACHE_LAG_MAX). A live reader reads the cached tail; a replay reads the disk.
  * Memory stays bounded by the tail whatever a process prints, and the freed pages are
  * reused by the next writes: on a VM whose fresh memory is faulted in by the host, writing
  * into new page-cache pages ran at ~270 MB/s against ~1.3 GB/s into recycled ones (dd). */
@@ -229,7 +231,14 @@ static void write_behind(struct obuf *b, uint64_t end)
                           SYNC_FILE_RANGE_WRITE);
     b->wb_off = end;
     if (end > OBUF_CACHE_KEEP) {
-        uint64_t upto = (end - OBUF_CACHE_KEEP) & ~(uint64_t)(OBUF_WB_CHUNK - 1);
+        uint64_t upto = end - OBUF_CACHE_KEEP;
+        for (struct obuf_reader *r = b->readers; r != NULL; r = r->next) {
+            uint64_t at = *r->cursor > b->file_base ? *r->cursor - b->file_base : 0;
+            upto = MIN(upto, at);
+        }
+        if (end > OBUF_CACHE_LAG_MAX)
+            upto = MAX(upto, end - OBUF_CACHE_LAG_MAX);
+        upto &= ~(uint64_t)(OBUF_WB_CHUNK - 1);
         if (upto > b->uncached) {
             /* Started a chunk or more ago: normally done, so the wait costs nothing; with a
              * disk slower than the writer it is the throttle the kernel would apply anyway,
@@ -711,6 +720,23 @@ void obuf_get_stats(const struct obuf *b, struct obuf_stats *ret)
     memcpy(ret->bytes, b->bytes, sizeof(ret->bytes));
     memcpy(ret->lines, b->lines, sizeof(ret->lines));
     ret->truncated = b->first_off > 0;
+}
+
+void obuf_reader_add(struct obuf *b, struct obuf_reader *r)
+{
+    r->next = b->readers;
+    b->readers = r;
+}
+
+void obuf_reader_del(struct obuf *b, struct obuf_reader *r)
+{
+    for (struct obuf_reader **pp = &b->readers; *pp != NULL; pp = &(*pp)->next) {
+        if (*pp == r) {
+            *pp = r->next;
+            r->next = NULL;
+            return;
+        }
+    }
 }
 
 uint64_t obuf_retained(const struct obuf *b)

@@ -56,10 +56,19 @@
 #define OBUF_SEGMENT (1024 * 1024)                /* granularity of head dropping */
 #define OBUF_WB_CHUNK (8u << 20)     /* writeback is started per this many logged bytes */
 #define OBUF_CACHE_KEEP (16u << 20)  /* the log's tail left in the page cache */
+#define OBUF_CACHE_LAG_MAX (128u << 20) /* ... and at most this much behind a slow live reader */
 
 #define OBUF_GAP 1   /* obuf_read: cursor was before the retained window (see there) */
 
 struct obuf;
+
+/* A live reader (a follow stream): while registered, the log's pages from its cursor on stay
+ * in the page cache (up to OBUF_CACHE_LAG_MAX behind the end), so a reader that lags behind
+ * a fast writer reads memory, not the disk. The reader owns the struct and its cursor. */
+struct obuf_reader {
+    const uint64_t *cursor;
+    struct obuf_reader *next;
+};
 
 struct obuf_rec {
     uint64_t off;      /* offset of this record */
@@ -132,5 +141,8 @@ void obuf_trim(struct obuf *b, uint64_t keep);
 /* A record boundary at or before max(first_off, off - window): where to start reading to see
  * (at least) the last `window` bytes of log before off. Cheap: uses the segment index. */
 uint64_t obuf_seek_back(const struct obuf *b, uint64_t off, uint64_t window);
+
+void obuf_reader_add(struct obuf *b, struct obuf_reader *r);
+void obuf_reader_del(struct obuf *b, struct obuf_reader *r);   /* no-op if not added */
 
 #endif

@@ -432,6 +432,36 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         on_pipes_eof(p);
 }
 
+/* Reads the capture pipes, or not, as the holds and the state ask (see proc_hold). Only a
+ * RUNNING leader is held: once it exits, is stopped or restarts, the pipes are read dry. */
+static void apply_holds(struct proc *p)
+{
+    bool pause = p->priv->holds > 0 && p->state == PROC_RUNNING;
+    for (int i = 1; i <= 2; i++) {
+        struct proc_pipe *pp = p->priv->pipes[i];
+        if (pp == NULL || pp->closing || pp->paused == pause)
+            continue;
+        pp->paused = pause;
+        if (pause)
+            uv_read_stop((uv_stream_t *)&pp->h);
+        else if (uv_read_start((uv_stream_t *)&pp->h, on_alloc, on_read) < 0)
+            close_capture(p, i, true);
+    }
+}
+
+void proc_hold(struct proc *p)
+{
+    p->priv->holds++;
+    apply_holds(p);
+}
+
+void proc_unhold(struct proc *p)
+{
+    if (p->priv->holds > 0)
+        p->priv->holds--;
+    apply_holds(p);
+}
+
 static struct proc_pipe *open_pipe(struct proc *p, int stream, int fd)
 {
     struct proc_pipe *pp = xcalloc(1, sizeof(*pp));
@@ -577,6 +607,7 @@ static void kill_tree(struct proc *p, int sig)
 static void set_state(struct proc *p, enum proc_state s)
 {
     p->state = s;
+    apply_holds(p);
 }
 
 static void on_drain_timer(uv_timer_t *h)
@@ -669,6 +700,7 @@ static void run_started(struct proc *p, const struct proc_child *c)
         pv->pipes[1] = open_pipe(p, OBUF_STDOUT, c->fd_stdout);
     if (c->fd_stderr >= 0)
         pv->pipes[2] = open_pipe(p, OBUF_STDERR, c->fd_stderr);
+    apply_holds(p);
     if (c->memjoin) {
         pv->memjoin = true;
         uv_timer_start(&pv->state_timer, on_memjoin_timer, PROC_MEMJOIN_DELAY_MS, 0);

@@ -223,6 +223,14 @@ int proc_stdin_write(struct proc *p, const char *data, size_t n);
  * Closing twice is 0. */
 int proc_stdin_close(struct proc *p);
 
+/* Back-pressure from a live reader. While any hold is taken and the leader runs, the capture
+ * pipes are not read: the child blocks in write(2) as on a slow terminal, and the log stops
+ * growing past the reader. Only a RUNNING leader is held: once it exits or is being stopped,
+ * the pipes are read dry regardless, so the drain of a finished tree is never held.
+ * Every proc_hold must be paired with one proc_unhold. */
+void proc_hold(struct proc *p);
+void proc_unhold(struct proc *p);
+
 /* Appends a daemon-made marker line to the output (OBUF_F_MARK) and notifies watchers. */
 void proc_mark(struct proc *p, int stream, const char *text);
 

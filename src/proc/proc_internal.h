@@ -152,6 +152,7 @@ struct proc_pipe {
     int stream;              /* 0 for stdin, OBUF_STDOUT, OBUF_STDERR */
     bool closing;
     bool grown;              /* capture pipe enlarged to PROC_CAPTURE_PIPE_SIZE */
+    bool paused;             /* reading stopped by proc_hold */
 };
 
 struct proc_priv {
@@ -172,6 +173,7 @@ struct proc_priv {
     bool sent_kill;           /* the daemon SIGKILLed this run's tree */
     bool dirty;
     bool flushed_once;        /* some output of this run has been flushed to watchers */
+    int holds;                /* proc_hold count: capture reading paused while > 0 and RUNNING */
     size_t unflushed;         /* bytes read since the last flush */
     bool freeing;             /* evicted: free the memory when handles == 0 */
     uint32_t backoff_ms;      /* next restart delay */

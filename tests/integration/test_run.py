@@ -226,3 +226,64 @@ def test_run_grandchild_holding_pipe(d):
     assert res.exit["exit_code"] == 0, res.exit
     assert res.lines() == ["hi"], res.lines()
     assert el < 2 + slack(1), "exit reported after %.2fs" % el
+
+
+# ---- back-pressure: the run's own answer paces the child ------------------------------------------
+
+# 64 MiB of numbered 1000-byte lines, as fast as the pipe takes them.
+BIG_WRITER = ("import sys\nw = sys.stdout.write\nl = 'p' * 991 + '\\n'\n"
+              "for i in range(65536): w('%08d ' % i + l)\n")
+
+
+def _read_run_lines(s, first, timeout_s):
+    """Reads a run stream to its end; checks every numbered line from `first` on; returns the
+    exit event."""
+    k = first
+    deadline = time.monotonic() + slack(timeout_s)
+    while True:
+        ev = s.next_event(max(0.01, deadline - time.monotonic()))
+        assert ev is not None, "run stream ended without an exit event after line %d" % k
+        o = ev.json
+        if "line" in o:
+            assert o["line"][:8] == "%08d" % k, (k, o["line"][:20])
+            k += 1
+        elif harness.is_exit_obj(o):
+            assert k == 65536, "%d lines of 65536" % k
+            assert s.next(slack(5)) is None, "events after the exit event"
+            return o
+
+
+@harness.timeout(120)
+def test_run_stream_paces_the_child(d):
+    """A run client that reads slowly keeps the child blocked in write(2) a few MiB ahead of
+    it, as a terminal would, instead of the child racing ahead into the log (decisions:
+    "Back-pressure"). Alone, the child writes its 64 MiB in well under a second."""
+    with d.stream("POST", "/api/v1/processes/run", timeout_s=30, rcvbuf=65536,
+                  json_body={"command": "python3", "args": ["-c", BIG_WRITER]}) as s:
+        pid = s.next_event(slack(10)).json["pid"]
+        k = 0
+        t_end = time.monotonic() + 2.0
+        while time.monotonic() < t_end:      # ~1.6 MB/s for 2 s
+            for _ in range(16):
+                o = s.next_event(slack(10)).json
+                assert o["line"][:8] == "%08d" % k, (k, o)
+                k += 1
+            time.sleep(0.01)
+        assert k < 8000, "the slow reader read %d lines" % k
+        i = d.info(pid)
+        assert i["status"] == "running", "child ran ahead of its run client: %r" % i
+        ex = _read_run_lines(s, k, 60)
+    assert ex.get("exit_code") == 0, ex
+
+
+@harness.timeout(120)
+def test_run_stream_stalled_client_does_not_stop_the_child(d):
+    """A run client that stops reading holds the child for at most about a second: then the
+    child runs to its end, and the client, reading again, still gets every line."""
+    with d.stream("POST", "/api/v1/processes/run", timeout_s=30, rcvbuf=4096,
+                  json_body={"command": "python3", "args": ["-c", BIG_WRITER]}) as s:
+        pid = s.next_event(slack(10)).json["pid"]
+        i = d.wait_ended(pid, 15)
+        assert i["status"] == "exited" and i["exit_code"] == 0, i
+        ex = _read_run_lines(s, 0, 60)
+    assert ex.get("exit_code") == 0, ex

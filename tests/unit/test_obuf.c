@@ -7,7 +7,9 @@
 #include <fcntl.h>
 #include <malloc.h>
 #include <stdint.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "json/json.h"
@@ -555,6 +557,73 @@ TEST(obuf_big_log_reads_back_after_cache_drop)
     recs_free(&r);
     obuf_free(b);
     free(path);
+    cleanup();
+}
+
+/* Pages of the file's first len bytes that are in the page cache. */
+static size_t cached_pages(const char *path, size_t len)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    ASSERT(fd >= 0);
+    void *m = mmap(NULL, len, PROT_READ, MAP_SHARED, fd, 0);
+    ASSERT(m != MAP_FAILED);
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE), n = len / pg, in = 0;
+    unsigned char *vec = xmalloc(n);
+    ASSERT_EQ(mincore(m, len, vec), 0);
+    for (size_t i = 0; i < n; i++)
+        in += vec[i] & 1;
+    free(vec);
+    munmap(m, len);
+    close(fd);
+    return in;
+}
+
+/* 40 MiB logged: without a live reader the head of the log leaves the page cache; with a
+ * registered reader still at its start it stays (the reader would otherwise read the disk),
+ * and it goes at the next chunk once the reader has moved on. */
+TEST(obuf_live_reader_keeps_its_pages_cached)
+{
+    static char blk[OBUF_LINE_MAX];
+    const size_t head = 4u << 20;
+    struct statfs fs;
+    memset(blk, 'r', sizeof(blk) - 1);
+    blk[sizeof(blk) - 1] = '\n';
+    for (int with_reader = 0; with_reader < 2; with_reader++) {
+        char *path = mkpath(with_reader ? "kept" : "dropped");
+        struct obuf *b = obuf_new(path, 0);
+        uint64_t cursor = 0;
+        struct obuf_reader rd = {.cursor = &cursor};
+        if (with_reader)
+            obuf_reader_add(b, &rd);
+        for (size_t total = 0; total < 40u << 20; total += sizeof(blk)) {
+            ASSERT_EQ(obuf_write(b, OBUF_STDOUT, blk, sizeof(blk), 0), 0);
+            ASSERT_EQ(obuf_flush(b), 0);
+        }
+        size_t pages = head / (size_t)sysconf(_SC_PAGESIZE);
+        size_t in = cached_pages(path, head);
+        if (with_reader) {
+            ASSERT_EQ(in, pages);
+            /* The reader moves past everything: the next chunk lets the head go. */
+            struct obuf_stats st;
+            obuf_get_stats(b, &st);
+            cursor = st.end_off;
+            for (size_t total = 0; total < OBUF_WB_CHUNK + sizeof(blk); total += sizeof(blk)) {
+                ASSERT_EQ(obuf_write(b, OBUF_STDOUT, blk, sizeof(blk), 0), 0);
+                ASSERT_EQ(obuf_flush(b), 0);
+            }
+            ASSERT_EQ(statfs(path, &fs), 0);
+            if (fs.f_type != 0x01021994) /* not tmpfs, where nothing is ever dropped */
+                ASSERT(cached_pages(path, head) < pages / 2);
+            obuf_reader_del(b, &rd);
+            obuf_reader_del(b, &rd); /* twice is a no-op */
+        } else {
+            ASSERT_EQ(statfs(path, &fs), 0);
+            if (fs.f_type != 0x01021994)
+                ASSERT(in < pages / 2);
+        }
+        obuf_free(b);
+        free(path);
+    }
     cleanup();
 }
 
