@@ -433,7 +433,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 }
 
 /* Reads the capture pipes, or not, as the holds and the state ask (see proc_hold). Only a
- * RUNNING leader is held: once it exits, is stopped or restarts, the pipes are read dry. */
+ * RUNNING leader is held: once it exits or is being stopped, the pipes are read dry (a
+ * restarted run is RUNNING again, and held again while a hold is taken). */
 static void apply_holds(struct proc *p)
 {
     bool pause = p->priv->holds > 0 && p->state == PROC_RUNNING;
