@@ -321,20 +321,22 @@ void http_stream_chunk_end(struct http_req *r)
     stream_flush(c);
 }
 
-void http_stream_write(struct http_req *r, const char *data, size_t n)
+static void write_chunk(struct http_req *r, const char *data, size_t n, bool flush)
 {
     if (n == 0)
         return;
     memcpy(http_stream_reserve(r, n), data, n);
-    commit(r, n, true);
+    commit(r, n, flush);
+}
+
+void http_stream_write(struct http_req *r, const char *data, size_t n)
+{
+    write_chunk(r, data, n, true);
 }
 
 void http_stream_write_held(struct http_req *r, const char *data, size_t n)
 {
-    if (n == 0)
-        return;
-    memcpy(http_stream_reserve(r, n), data, n);
-    commit(r, n, false);
+    write_chunk(r, data, n, false);
 }
 
 size_t http_stream_queued(const struct http_req *r)
