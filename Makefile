@@ -26,7 +26,16 @@ STATE_DIR ?= /var/tmp/sandboxd-state
 
 .PHONY: all deps run test unit asan bench clean check-style sdk-deps
 
-all: deps $(BUILD)/sandboxd
+# The Debian packages are installed while the Makefile is read, before any rule is looked
+# at: make caches directory listings, so a rule whose prerequisite (llhttp's C sources in
+# /usr/share/llhttp) appears only after make has started would not be found.
+ifeq ($(filter clean,$(MAKECMDGOALS)),)
+ifneq ($(shell scripts/deps.sh >&2 && echo ok),ok)
+$(error scripts/deps.sh could not install the build dependencies)
+endif
+endif
+
+all: $(BUILD)/sandboxd
 
 deps:
 	@scripts/deps.sh
@@ -68,19 +77,19 @@ $(ASAN_DIR)/sandboxd: $(ASAN_DIR)/obj/src/main.o $(ASAN_LIB_OBJ)
 $(ASAN_DIR)/test_unit: $(ASAN_UNIT_OBJ) $(ASAN_LIB_OBJ)
 	$(CC) $(SAN_FLAGS) -o $@ $^ $(LDLIBS_ALL)
 
-asan: deps $(ASAN_DIR)/sandboxd $(ASAN_DIR)/test_unit
+asan: $(ASAN_DIR)/sandboxd $(ASAN_DIR)/test_unit
 
 # ---- running ----
 run: all
 	@mkdir -p $(STATE_DIR)
 	$(BUILD)/sandboxd --listen 127.0.0.1:$(PORT) --state-dir $(STATE_DIR)
 
-unit: deps $(BUILD)/test_unit
+unit: $(BUILD)/test_unit
 	$(BUILD)/test_unit
 
 # All suites: unit (plain and sanitized), integration against the plain and the sanitized
 # daemon, and the vendors' SDKs. Prints one closing "N passed, N failed" line.
-test: deps $(BUILD)/sandboxd $(BUILD)/test_unit $(ASAN_DIR)/sandboxd $(ASAN_DIR)/test_unit
+test: $(BUILD)/sandboxd $(BUILD)/test_unit $(ASAN_DIR)/sandboxd $(ASAN_DIR)/test_unit
 	@scripts/run-tests.sh
 
 sdk-deps:

@@ -86,6 +86,10 @@ struct ostream_ops {
     void (*abort)(struct ostream *s);
 };
 
+/* Appends rec->data[0..n) as JSON string content (no quotes): copied as is when the record
+ * is known to be plain (OBUF_F_PLAIN, learnt at capture), escaped otherwise. */
+void ostream_json_text(struct sbuf *sb, const struct obuf_rec *rec, size_t n);
+
 struct ostream *ostream_start(struct app *app, struct http_req *r, struct proc *p,
                               const struct ostream_ops *ops, void *ctx, bool follow,
                               uint32_t keepalive_ms);

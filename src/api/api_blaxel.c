@@ -449,7 +449,7 @@ static void ndjson_rec(struct ostream *s, const struct obuf_rec *rec, struct sbu
     (void)s;
     sbuf_puts(sb, rec->stream == OBUF_STDERR ? "{\"type\":\"stderr\",\"data\":\""
                                              : "{\"type\":\"stdout\",\"data\":\"");
-    json_escape(sb, rec->data, rec->len);
+    ostream_json_text(sb, rec, rec->len);
     if (rec->flags & OBUF_F_NL)
         sbuf_append(sb, "\\n", 2);
     sbuf_append(sb, "\"}\n", 3);

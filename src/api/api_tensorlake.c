@@ -375,7 +375,7 @@ static const char *stream_name(int stream)
 /* data: {"line":"...","timestamp":T,"stream":"stdout"}\n\n
  * The hot path of every stream: a plain line is one reservation and five copies, and the
  * timestamp text is reused while it does not change (lines of a burst share their ms). */
-static void sse_line(struct sbuf *sb, const char *data, size_t n, int64_t ts, int stream)
+static void sse_line(struct sbuf *sb, const struct obuf_rec *rec)
 {
     static const char pre[] = "data: {\"line\":\"";
     static const char mid[] = "\",\"timestamp\":";
@@ -384,13 +384,16 @@ static void sse_line(struct sbuf *sb, const char *data, size_t n, int64_t ts, in
     static int64_t cached_ts = INT64_MIN;
     static struct sbuf ts_txt = SBUF_INIT;
 
+    int64_t ts = rec->ts_ms;
     if (ts != cached_ts) {
         sbuf_reset(&ts_txt);
         sbuf_put_i64(&ts_txt, ts);
         cached_ts = ts;
     }
-    const char *post = stream == OBUF_STDERR ? post_err : post_out;
-    if (json_plain(data, n)) {
+    const char *data = rec->data;
+    size_t n = line_len(rec);
+    const char *post = rec->stream == OBUF_STDERR ? post_err : post_out;
+    if ((rec->flags & OBUF_F_PLAIN) || json_plain(data, n)) {
         size_t need = sizeof(pre) - 1 + n + sizeof(mid) - 1 + ts_txt.len + sizeof(post_out) - 1;
         char *d = sbuf_reserve(sb, need + 1);
         memcpy(d, pre, sizeof(pre) - 1);
@@ -429,7 +432,7 @@ static void sse_rec(struct ostream *s, const struct obuf_rec *rec, struct sbuf *
 {
     struct out_ctx *c = ostream_ctx(s);
     if (wanted(c, rec))
-        sse_line(sb, rec->data, line_len(rec), rec->ts_ms, rec->stream);
+        sse_line(sb, rec);
 }
 
 /* Child bytes of the stream(s) c shows that the budget dropped. */
@@ -569,7 +572,7 @@ static void lines_rec(struct ostream *s, const struct obuf_rec *rec, struct sbuf
     c->first = false;
     c->count++;
     sbuf_putc(sb, '"');
-    json_escape(sb, rec->data, line_len(rec));
+    ostream_json_text(sb, rec, line_len(rec));
     sbuf_putc(sb, '"');
 }
 

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include "api/api.h"
+#include "json/json.h"
 #include "obuf/obuf.h"
 
 struct ostream {
@@ -160,7 +161,8 @@ static void pump_once(struct ostream *s)
             break;
         uint64_t base = s->cursor;
         size_t n = 0;
-        int rc = obuf_read(s->p->out, &s->cursor, scratch, sizeof(scratch), &n);
+        const char *data;
+        int rc = obuf_read_ref(s->p->out, &s->cursor, scratch, sizeof(scratch), &data, &n);
         if (rc == OBUF_GAP) {
             sbuf_reset(&fmt);
             if (s->ops->gap != NULL)
@@ -179,7 +181,7 @@ static void pump_once(struct ostream *s)
         struct sbuf *out = http_stream_chunk_begin(s->r);
         size_t pos = 0;
         struct obuf_rec rec;
-        while (obuf_next(scratch, n, &pos, base, &rec))
+        while (obuf_next(data, n, &pos, base, &rec))
             s->ops->rec(s, &rec, out);
         http_stream_chunk_end(s->r);
     }
@@ -280,6 +282,14 @@ struct ostream *ostream_start(struct app *app, struct http_req *r, struct proc *
     proc_watch_add(p, &s->watch, on_proc_event, s);
     pump(s);
     return s;
+}
+
+void ostream_json_text(struct sbuf *sb, const struct obuf_rec *rec, size_t n)
+{
+    if (rec->flags & OBUF_F_PLAIN)
+        sbuf_append(sb, rec->data, n);
+    else
+        json_escape(sb, rec->data, n);
 }
 
 void *ostream_ctx(struct ostream *s)

@@ -117,16 +117,68 @@ static inline bool plain8(const unsigned char *p)
     return bad == 0;
 }
 
+#ifdef __SSE2__
+#include <emmintrin.h>
+
+/* Bit i set: byte i of the 16 at p is not plain (< 0x20, '"', '\\', >= 0x7F; the signed
+ * compare catches >= 0x80 with the control bytes). */
+static inline unsigned special16(const unsigned char *p)
+{
+    __m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
+    __m128i bad = _mm_cmplt_epi8(v, _mm_set1_epi8(0x20));
+    bad = _mm_or_si128(bad, _mm_cmpeq_epi8(v, _mm_set1_epi8('"')));
+    bad = _mm_or_si128(bad, _mm_cmpeq_epi8(v, _mm_set1_epi8('\\')));
+    bad = _mm_or_si128(bad, _mm_cmpeq_epi8(v, _mm_set1_epi8(0x7F)));
+    return (unsigned)_mm_movemask_epi8(bad);
+}
+#endif
+
 bool json_plain(const char *str, size_t n)
 {
     const unsigned char *s = (const unsigned char *)str;
     size_t i = 0;
+#ifdef __SSE2__
+    for (; i + 16 <= n; i += 16)
+        if (special16(s + i) != 0)
+            return false;
+#else
     while (i + 8 <= n && plain8(s + i))
         i += 8;
+#endif
     for (; i < n; i++)
         if (esc_class[s[i]] != 0)
             return false;
     return true;
+}
+
+const char *json_scan_line(const char *str, size_t n, bool *ret_plain)
+{
+    const unsigned char *s = (const unsigned char *)str;
+    size_t i = 0;
+#ifdef __SSE2__
+    for (; i + 16 <= n; i += 16) {
+        unsigned m = special16(s + i);
+        if (m != 0) {
+            i += (size_t)__builtin_ctz(m);
+            goto special;
+        }
+    }
+#else
+    while (i + 8 <= n && plain8(s + i))
+        i += 8;
+#endif
+    for (; i < n; i++)
+        if (esc_class[s[i]] != 0)
+            goto special;
+    *ret_plain = true;
+    return NULL;
+special:
+    if (s[i] == '\n') {
+        *ret_plain = true;
+        return str + i;
+    }
+    *ret_plain = false;
+    return memchr(str + i, '\n', n - i);
 }
 
 void json_escape(struct sbuf *sb, const char *str, size_t n)

@@ -57,6 +57,11 @@ void json_escape(struct sbuf *sb, const char *s, size_t n);
 /* True if s[0..n) is printable ASCII needing no escape (then it can be copied verbatim). */
 bool json_plain(const char *s, size_t n);
 
+/* memchr(s, '\n', n) that also tells, in *ret_plain, whether the bytes before the newline
+ * (all n bytes if there is none) are json_plain. One pass over each byte in the usual case
+ * of a plain line, so output capture learns for free that a line needs no escaping. */
+const char *json_scan_line(const char *s, size_t n, bool *ret_plain);
+
 /* Length of the longest prefix of s[0..n) that does not end inside a UTF-8 sequence that
  * could still be completed by more bytes; used to cut long lines at a character boundary. */
 size_t utf8_cut(const char *s, size_t n);

@@ -31,6 +31,7 @@ bool obuf__no_punch;
 struct partial {
     char *buf;      /* OBUF_LINE_MAX bytes, allocated on first use */
     size_t len;
+    bool plain;     /* buf[0..len) is json_plain */
     int64_t ts_ms;  /* capture time of the line's first byte */
 };
 
@@ -424,7 +425,7 @@ static int emit_partial(struct obuf *b, int stream)
     struct partial *p = &b->part[stream];
     if (p->len == 0)
         return 0;
-    int r = emit(b, stream, 0, p->buf, p->len, NULL, 0, p->ts_ms);
+    int r = emit(b, stream, p->plain ? OBUF_F_PLAIN : 0, p->buf, p->len, NULL, 0, p->ts_ms);
     b->lines[stream]++;
     p->len = 0;
     return r;
@@ -455,7 +456,8 @@ int obuf_write(struct obuf *b, int stream, const char *data, size_t n, int64_t t
     b->bytes[stream] += n;
 
     while (n > 0) {
-        const char *nl = memchr(data, '\n', n);
+        bool plain; /* of data[0..linelen) */
+        const char *nl = json_scan_line(data, n, &plain);
         size_t linelen = nl ? (size_t)(nl - data) : n;
         size_t used = linelen + (nl ? 1 : 0);
 
@@ -465,31 +467,36 @@ int obuf_write(struct obuf *b, int stream, const char *data, size_t n, int64_t t
              * exactly OBUF_LINE_MAX bytes stays one record with its '\n'. */
             const char *q = data;
             size_t k = linelen;
+            uint8_t pf = plain ? OBUF_F_PLAIN : 0;
             while (k > OBUF_LINE_MAX) {
                 size_t c = chunk_len(q);
-                KEEP_ERR(r, emit(b, stream, 0, q, c, NULL, 0, ts_ms));
+                KEEP_ERR(r, emit(b, stream, pf, q, c, NULL, 0, ts_ms));
                 b->lines[stream]++;
                 q += c;
                 k -= c;
             }
             if (nl) {
-                KEEP_ERR(r, emit(b, stream, OBUF_F_NL, q, k, NULL, 0, ts_ms));
+                KEEP_ERR(r, emit(b, stream, OBUF_F_NL | pf, q, k, NULL, 0, ts_ms));
                 b->lines[stream]++;
             } else if (k > 0) {
                 if (p->buf == NULL)
                     p->buf = xmalloc(OBUF_LINE_MAX);
                 memcpy(p->buf, q, k);
                 p->len = k;
+                p->plain = plain;
                 p->ts_ms = ts_ms;
             }
         } else if (p->len + linelen <= OBUF_LINE_MAX) {
             if (nl) {
-                KEEP_ERR(r, emit(b, stream, OBUF_F_NL, p->buf, p->len, data, linelen, p->ts_ms));
+                uint8_t pf = p->plain && plain ? OBUF_F_PLAIN : 0;
+                KEEP_ERR(r, emit(b, stream, OBUF_F_NL | pf, p->buf, p->len, data, linelen,
+                                 p->ts_ms));
                 b->lines[stream]++;
                 p->len = 0;
             } else {
                 memcpy(p->buf + p->len, data, linelen);
                 p->len += linelen;
+                p->plain = p->plain && plain;
             }
         } else {
             /* The partial line overflows: top it up to OBUF_LINE_MAX, emit a chunk and keep
@@ -501,6 +508,7 @@ int obuf_write(struct obuf *b, int stream, const char *data, size_t n, int64_t t
             b->lines[stream]++;
             memmove(p->buf, p->buf + c, OBUF_LINE_MAX - c);
             p->len = OBUF_LINE_MAX - c;
+            p->plain = false; /* not known: the formatter checks */
             p->ts_ms = ts_ms;
             used = take;
         }
@@ -656,6 +664,21 @@ int obuf_read(struct obuf *b, uint64_t *cursor, char *buf, size_t cap, size_t *r
     *cursor = cur + pos;
     *ret_len = pos;
     return 0;
+}
+
+int obuf_read_ref(struct obuf *b, uint64_t *cursor, char *buf, size_t cap, const char **ret_data,
+                  size_t *ret_len)
+{
+    uint64_t cur = *cursor;
+    if (cur >= b->first_off && cur >= b->flushed_off && cur < b->end_off) {
+        /* Everything from cur on is whole records in the write-behind buffer. */
+        *ret_data = b->pending + (cur - b->flushed_off);
+        *ret_len = (size_t)(b->end_off - cur);
+        *cursor = b->end_off;
+        return 0;
+    }
+    *ret_data = buf;
+    return obuf_read(b, cursor, buf, cap, ret_len);
 }
 
 bool obuf_next(const char *buf, size_t len, size_t *pos, uint64_t base_off, struct obuf_rec *ret)

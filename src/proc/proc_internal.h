@@ -25,6 +25,7 @@
 #define PROC_DRAIN_READ_MAX (4u << 20) /* bytes read synchronously when a pipe is force-closed */
 #define PROC_CAPTURE_PIPE_SIZE (1024u * 1024) /* a capture pipe once a read filled the buffer */
 #define PROC_FLUSH_BATCH (128u * 1024) /* unflushed bytes that trigger a flush inside a read burst */
+#define PROC_TURN_BUDGET (256u * 1024) /* capture bytes one record reads per loop iteration */
 #define PROC_HEALTHY_RUN_MS 10000      /* a run this long resets the restart back-off */
 
 /* ---- cgroups (cgroup.c) ---- */
@@ -175,6 +176,8 @@ struct proc_priv {
     bool flushed_once;        /* some output of this run has been flushed to watchers */
     int holds;                /* proc_hold count: capture reading paused while > 0 and RUNNING */
     size_t unflushed;         /* bytes read since the last flush */
+    size_t turn_bytes;        /* capture bytes read in loop iteration turn_seen */
+    uint64_t turn_seen;
     bool freeing;             /* evicted: free the memory when handles == 0 */
     uint32_t backoff_ms;      /* next restart delay */
     size_t stdin_queued;
@@ -198,6 +201,7 @@ struct proc_table {
     uv_signal_t sigchld;
     uv_check_t flush_check;   /* coalesces output notifications per loop iteration */
     struct list dirty;
+    uint64_t turn;            /* loop iterations that read output (flush_check runs) */
     uv_timer_t timer;         /* shutdown escalation / deferred done_cb */
     int devnull;
     void *stack;              /* clone child stack, PROC_STACK_SIZE + guard page */

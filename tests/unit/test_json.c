@@ -156,6 +156,28 @@ TEST(json_escape_random_matches_reference_and_jansson)
     }
 }
 
+/* json_scan_line is memchr('\n') plus json_plain of what precedes it, for every length and
+ * every position of the first special byte (the vector loop and its tail). */
+TEST(json_scan_line_matches_memchr_and_plain)
+{
+    srand(777);
+    static const unsigned char specials[] = {'\n', '\n', '"', '\\', 0x01, 0x1f, 0x7f, 0x80, 0xc3, 0xff};
+    char in[200];
+    for (int iter = 0; iter < 50000; iter++) {
+        size_t n = (size_t)(rand() % (int)sizeof(in));
+        for (size_t i = 0; i < n; i++)
+            in[i] = (char)(0x20 + rand() % 95);
+        for (int k = rand() % 4; k > 0 && n > 0; k--)
+            in[rand() % (int)n] = (char)specials[rand() % (int)sizeof(specials)];
+        bool plain = !plain;
+        const char *nl = json_scan_line(in, n, &plain);
+        const char *want = memchr(in, '\n', n);
+        ASSERT(nl == want);
+        size_t before = want ? (size_t)(want - in) : n;
+        ASSERT_EQ(plain, json_plain(in, before));
+    }
+}
+
 TEST(json_utf8_cut)
 {
     ASSERT_EQ(utf8_cut("", 0), 0);

@@ -79,7 +79,11 @@ static void take(struct recs *r, const char *buf, size_t len, uint64_t base)
         char *d = xmalloc(rec.len + 1);
         memcpy(d, rec.data, rec.len);
         d[rec.len] = 0;
-        r->v[r->n++] = (struct rec){rec.off, rec.ts_ms, rec.stream, rec.flags, d, rec.len};
+        /* OBUF_F_PLAIN is a hint that must never be wrong; tests compare the other flags. */
+        if (rec.flags & OBUF_F_PLAIN)
+            ASSERT(json_plain(rec.data, rec.len));
+        int flags = rec.flags & ~OBUF_F_PLAIN;
+        r->v[r->n++] = (struct rec){rec.off, rec.ts_ms, rec.stream, flags, d, rec.len};
     }
     ASSERT_EQ(pos, len); /* obuf_read hands out whole records only */
 }
@@ -990,6 +994,89 @@ TEST_TIMEOUT(obuf_no_newline_stays_bounded, 60)
     ASSERT(stat(path, &sst) == 0);
     ASSERT((uint64_t)sst.st_blocks * 512 <= 10 * OBUF_SEGMENT);
     free(blk);
+    obuf_free(b);
+    free(path);
+    cleanup();
+}
+
+/* Plain lines are flagged at capture, whole or assembled from pieces, so the formatters skip
+ * the escape scan; a line with anything to escape is not flagged. */
+TEST(obuf_plain_flag)
+{
+    char *path = mkpath("plain");
+    struct obuf *b = obuf_new(path, 0);
+    const char *in = "plain line\nsay \"hi\"\ntab\there\npart one, ";
+    obuf_write(b, OBUF_STDOUT, in, strlen(in), 1);
+    obuf_write(b, OBUF_STDOUT, "part two\n", 9, 2);
+    obuf_write(b, OBUF_STDOUT, "caf\xc3\xa9\nend", 9, 3);
+    obuf_write(b, OBUF_STDERR, "mixed ", 6, 4);
+    obuf_write(b, OBUF_STDERR, "\x01\n", 2, 5);
+    obuf_seal(b);
+    static const struct { const char *data; bool plain; } want[] = {
+        {"plain line", true}, {"say \"hi\"", false}, {"tab\there", false},
+        {"part one, part two", true}, {"caf\xc3\xa9", false}, {"mixed \x01", false},
+        {"end", true},
+    };
+    char buf[OBUF_REC_MAX];
+    uint64_t cur = 0;
+    size_t n = 0, pos = 0, i = 0;
+    ASSERT_EQ(obuf_read(b, &cur, buf, sizeof(buf), &n), 0);
+    struct obuf_rec rec;
+    while (obuf_next(buf, n, &pos, 0, &rec)) {
+        ASSERT(i < sizeof(want) / sizeof(want[0]));
+        ASSERT_EQ(rec.len, strlen(want[i].data));
+        ASSERT_MEMEQ(rec.data, want[i].data, rec.len);
+        ASSERT_EQ(!!(rec.flags & OBUF_F_PLAIN), want[i].plain);
+        i++;
+    }
+    ASSERT_EQ(i, sizeof(want) / sizeof(want[0]));
+    obuf_free(b);
+    free(path);
+    cleanup();
+}
+
+/* obuf_read_ref lends the write-behind buffer to a reader that keeps up (no copy), and
+ * otherwise copies exactly what obuf_read would. */
+TEST(obuf_read_ref_lends_pending)
+{
+    char *path = mkpath("lend");
+    struct obuf *b = obuf_new(path, 0);
+    char *buf = xmalloc(OBUF_REC_MAX);
+    const char *data;
+    uint64_t cur = 0, copy_cur = 0;
+    size_t n;
+    for (int round = 0; round < 50; round++) {
+        char line[64];
+        int len = snprintf(line, sizeof(line), "line %d\n", round);
+        obuf_write(b, OBUF_STDOUT, line, (size_t)len, round);
+        uint64_t base = cur;
+        ASSERT_EQ(obuf_read_ref(b, &cur, buf, OBUF_REC_MAX, &data, &n), 0);
+        ASSERT(data != buf); /* lent: the record is still in the write-behind buffer */
+        struct obuf_rec rec;
+        size_t pos = 0;
+        ASSERT(obuf_next(data, n, &pos, base, &rec));
+        ASSERT_EQ(rec.len, (size_t)len - 1);
+        ASSERT_MEMEQ(rec.data, line, rec.len);
+        ASSERT_EQ(pos, n);
+        if (round % 3 == 0)
+            ASSERT_EQ(obuf_flush(b), 0);
+    }
+    ASSERT_EQ(obuf_flush(b), 0);
+    /* A reader behind the buffer gets copies, identical to obuf_read's. */
+    ASSERT_EQ(obuf_read_ref(b, &copy_cur, buf, OBUF_REC_MAX, &data, &n), 0);
+    ASSERT(data == buf);
+    ASSERT_EQ(copy_cur, cur);
+    uint64_t again = 0;
+    char *buf2 = xmalloc(OBUF_REC_MAX);
+    size_t n2;
+    ASSERT_EQ(obuf_read(b, &again, buf2, OBUF_REC_MAX, &n2), 0);
+    ASSERT_EQ(n2, n);
+    ASSERT_MEMEQ(buf2, buf, n);
+    /* At the end: nothing, not a lend of zero bytes past the buffer. */
+    ASSERT_EQ(obuf_read_ref(b, &cur, buf, OBUF_REC_MAX, &data, &n), 0);
+    ASSERT_EQ(n, 0);
+    free(buf2);
+    free(buf);
     obuf_free(b);
     free(path);
     cleanup();

@@ -1392,6 +1392,47 @@ TEST_TIMEOUT(proc_output_large, 30)
     h_fini(&h);
 }
 
+/* Fairness: a writer that is always ready gets at most PROC_TURN_BUDGET (plus the read in
+ * flight) per loop iteration, so its followers' sockets and other records get their turn;
+ * libuv alone reads up to 2 MiB per wakeup. */
+struct turn_probe {
+    uv_prepare_t h;
+    struct proc *p;
+    uint64_t last, max, iterations_full;
+};
+
+static void on_turn(uv_prepare_t *h)
+{
+    struct turn_probe *tp = h->data;
+    struct obuf_stats st;
+    obuf_get_stats(tp->p->out, &st);
+    uint64_t got = st.bytes[OBUF_STDOUT] - tp->last;
+    tp->last = st.bytes[OBUF_STDOUT];
+    if (got > tp->max)
+        tp->max = got;
+    if (got >= PROC_TURN_BUDGET)
+        tp->iterations_full++;
+}
+
+TEST_TIMEOUT(proc_read_budget_per_iteration, 30)
+{
+    struct h h;
+    h_init(&h);
+    struct turn_probe tp = {0};
+    tp.p = start_sh(&h, "head -c 200000000 /dev/zero");
+    uv_prepare_init(&h.loop, &tp.h);
+    tp.h.data = &tp;
+    uv_prepare_start(&tp.h, on_turn);
+    wait_done(&h, tp.p, 25000);
+    ASSERT_EQ(tp.p->exit_code, 0);
+    fprintf(stderr, "  most read in one iteration: %llu KiB, %llu iterations at the budget\n",
+            (unsigned long long)tp.max / 1024, (unsigned long long)tp.iterations_full);
+    ASSERT(tp.iterations_full > 0);                    /* the writer did outrun the loop */
+    ASSERT(tp.max <= PROC_TURN_BUDGET + 64 * 1024);    /* ... and got one budget per turn */
+    uv_close((uv_handle_t *)&tp.h, NULL);
+    h_fini(&h);
+}
+
 TEST(proc_stop_grace_covers_tree)
 {
     struct h h;
