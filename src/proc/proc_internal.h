@@ -198,7 +198,8 @@ struct proc_table {
     unsigned n_live;          /* not DONE */
     unsigned n_done;
     struct list pid_map[PROC_PID_BUCKETS];
-    uv_signal_t sigchld;
+    uv_poll_t sigchld;        /* on sigfd */
+    int sigfd;                /* signalfd of SIGCHLD (blocked in the daemon), or -1 */
     uv_check_t flush_check;   /* coalesces output notifications per loop iteration */
     struct list dirty;
     uint64_t turn;            /* loop iterations that read output (flush_check runs) */

@@ -740,9 +740,12 @@ class Daemon:
     def _preexec(self):
         if self.dirty_signals:
             # What a careless parent leaves behind; children must not inherit it.
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGALRM})
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2, signal.SIGALRM,
+                                                      signal.SIGCHLD})
             signal.signal(signal.SIGUSR1, signal.SIG_IGN)
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            # Ignored SIGCHLD makes the kernel reap children itself: exit codes would be lost.
+            signal.signal(signal.SIGCHLD, signal.SIG_IGN)
         if self.preexec_fn:
             self.preexec_fn()
 

@@ -1,7 +1,8 @@
 """Signals, kill, exit statuses, process trees, zombies, clean child state, daemon shutdown.
 
-The shared daemon here is started with a blocked SIGUSR2/SIGALRM and ignored SIGUSR1/SIGPIPE
-(harness dirty_signals) so the clean-child tests prove the daemon resets what it inherited.
+The shared daemon here is started with a blocked SIGUSR2/SIGALRM/SIGCHLD and ignored
+SIGUSR1/SIGPIPE/SIGCHLD (harness dirty_signals), so the clean-child tests prove the daemon resets
+what it inherited, and every exit status here is read despite an inherited ignored SIGCHLD.
 """
 
 import os

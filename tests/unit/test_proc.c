@@ -884,7 +884,7 @@ TEST(proc_orphan_reaped)
     struct sp x;
     pid_t pid;
     h_init(&h);
-    sh_spec(&x, "sleep 0.3 >/dev/null & echo $!");
+    sh_spec(&x, "sleep 0.3 >/dev/null 2>&1 & echo $!"); /* the orphan holds no pipe */
     x.s.kill_tree_on_exit = false;
     struct proc *p = start_ok(&h, &x.s);
     wait_done(&h, p, 3000);
