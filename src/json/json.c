@@ -117,68 +117,121 @@ static inline bool plain8(const unsigned char *p)
     return bad == 0;
 }
 
-#ifdef __SSE2__
-#include <emmintrin.h>
+/* ---- scanning for bytes that need attention ----
+ * first_special: the index of the first byte of s[0..n) that is not plain (< 0x20, '"',
+ * '\\', >= 0x7F), or n; with dst != NULL, copies at least the bytes before it to dst, and
+ * possibly more, never beyond n. Vector versions: SSE2 (every x86-64), AVX2 when the CPU has
+ * it (chosen once); the signed compare with 0x20 catches >= 0x80 with the control bytes. */
+typedef size_t first_special_fn(char *dst, const unsigned char *s, size_t n);
 
-/* Bit i set: byte i of the 16 at p is not plain (< 0x20, '"', '\\', >= 0x7F; the signed
- * compare catches >= 0x80 with the control bytes). */
-static inline unsigned special16(const unsigned char *p)
+static size_t first_special_tail(char *dst, const unsigned char *s, size_t i, size_t n)
 {
-    __m128i v = _mm_loadu_si128((const __m128i *)(const void *)p);
-    __m128i bad = _mm_cmplt_epi8(v, _mm_set1_epi8(0x20));
-    bad = _mm_or_si128(bad, _mm_cmpeq_epi8(v, _mm_set1_epi8('"')));
-    bad = _mm_or_si128(bad, _mm_cmpeq_epi8(v, _mm_set1_epi8('\\')));
-    bad = _mm_or_si128(bad, _mm_cmpeq_epi8(v, _mm_set1_epi8(0x7F)));
-    return (unsigned)_mm_movemask_epi8(bad);
+    for (; i < n; i++) {
+        if (esc_class[s[i]] != 0)
+            return i;
+        if (dst != NULL)
+            dst[i] = (char)s[i];
+    }
+    return n;
+}
+
+#ifdef __SSE2__
+#include <immintrin.h>
+
+static size_t first_special_sse2(char *dst, const unsigned char *s, size_t n)
+{
+    const __m128i lo = _mm_set1_epi8(0x20), q = _mm_set1_epi8('"'), bs = _mm_set1_epi8('\\'),
+                  del = _mm_set1_epi8(0x7F);
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m128i v = _mm_loadu_si128((const __m128i *)(const void *)(s + i));
+        if (dst != NULL)
+            _mm_storeu_si128((__m128i *)(void *)(dst + i), v);
+        __m128i bad = _mm_or_si128(_mm_cmplt_epi8(v, lo), _mm_cmpeq_epi8(v, q));
+        bad = _mm_or_si128(bad, _mm_or_si128(_mm_cmpeq_epi8(v, bs), _mm_cmpeq_epi8(v, del)));
+        unsigned m = (unsigned)_mm_movemask_epi8(bad);
+        if (m != 0)
+            return i + (size_t)__builtin_ctz(m);
+    }
+    return first_special_tail(dst, s, i, n);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define HAVE_AVX2_SCAN 1
+__attribute__((target("avx2"))) static size_t first_special_avx2(char *dst,
+                                                                  const unsigned char *s,
+                                                                  size_t n)
+{
+    const __m256i lo = _mm256_set1_epi8(0x20), q = _mm256_set1_epi8('"'),
+                  bs = _mm256_set1_epi8('\\'), del = _mm256_set1_epi8(0x7F);
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(const void *)(s + i));
+        if (dst != NULL)
+            _mm256_storeu_si256((__m256i *)(void *)(dst + i), v);
+        __m256i bad = _mm256_or_si256(_mm256_cmpgt_epi8(lo, v), _mm256_cmpeq_epi8(v, q));
+        bad = _mm256_or_si256(bad,
+                              _mm256_or_si256(_mm256_cmpeq_epi8(v, bs), _mm256_cmpeq_epi8(v, del)));
+        unsigned m = (unsigned)_mm256_movemask_epi8(bad);
+        if (m != 0)
+            return i + (size_t)__builtin_ctz(m);
+    }
+    return i + first_special_sse2(dst != NULL ? dst + i : NULL, s + i, n - i);
+}
+#endif
+
+static size_t first_special_pick(char *dst, const unsigned char *s, size_t n);
+static first_special_fn *first_special = first_special_pick;
+
+static size_t first_special_pick(char *dst, const unsigned char *s, size_t n)
+{
+    first_special = first_special_sse2;
+#ifdef HAVE_AVX2_SCAN
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2"))
+        first_special = first_special_avx2;
+#endif
+    return first_special(dst, s, n);
+}
+#else
+static size_t first_special(char *dst, const unsigned char *s, size_t n)
+{
+    size_t i = 0;
+    while (i + 8 <= n && plain8(s + i)) {
+        if (dst != NULL)
+            memcpy(dst + i, s + i, 8);
+        i += 8;
+    }
+    return first_special_tail(dst, s, i, n);
 }
 #endif
 
 bool json_plain(const char *str, size_t n)
 {
-    const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0;
-#ifdef __SSE2__
-    for (; i + 16 <= n; i += 16)
-        if (special16(s + i) != 0)
-            return false;
-#else
-    while (i + 8 <= n && plain8(s + i))
-        i += 8;
-#endif
-    for (; i < n; i++)
-        if (esc_class[s[i]] != 0)
-            return false;
-    return true;
+    return first_special(NULL, (const unsigned char *)str, n) == n;
 }
 
-const char *json_scan_line(const char *str, size_t n, bool *ret_plain)
+const char *json_scan_copy_line(char *dst, const char *str, size_t n, bool *ret_plain)
 {
-    const unsigned char *s = (const unsigned char *)str;
-    size_t i = 0;
-#ifdef __SSE2__
-    for (; i + 16 <= n; i += 16) {
-        unsigned m = special16(s + i);
-        if (m != 0) {
-            i += (size_t)__builtin_ctz(m);
-            goto special;
-        }
+    size_t i = first_special(dst, (const unsigned char *)str, n);
+    if (i == n) {
+        *ret_plain = true;
+        return NULL;
     }
-#else
-    while (i + 8 <= n && plain8(s + i))
-        i += 8;
-#endif
-    for (; i < n; i++)
-        if (esc_class[s[i]] != 0)
-            goto special;
-    *ret_plain = true;
-    return NULL;
-special:
-    if (s[i] == '\n') {
+    if (str[i] == '\n') {
         *ret_plain = true;
         return str + i;
     }
     *ret_plain = false;
-    return memchr(str + i, '\n', n - i);
+    const char *nl = memchr(str + i, '\n', n - i);
+    if (dst != NULL)
+        memcpy(dst + i, str + i, (size_t)((nl != NULL ? nl : str + n) - (str + i)));
+    return nl;
+}
+
+const char *json_scan_line(const char *str, size_t n, bool *ret_plain)
+{
+    return json_scan_copy_line(NULL, str, n, ret_plain);
 }
 
 void json_escape(struct sbuf *sb, const char *str, size_t n)

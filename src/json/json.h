@@ -61,6 +61,9 @@ bool json_plain(const char *s, size_t n);
  * (all n bytes if there is none) are json_plain. One pass over each byte in the usual case
  * of a plain line, so output capture learns for free that a line needs no escaping. */
 const char *json_scan_line(const char *s, size_t n, bool *ret_plain);
+/* json_scan_line that also copies the line: dst (room for n bytes) receives at least the
+ * bytes before the newline (all n if there is none), possibly some after it, never more. */
+const char *json_scan_copy_line(char *dst, const char *s, size_t n, bool *ret_plain);
 
 /* Length of the longest prefix of s[0..n) that does not end inside a UTF-8 sequence that
  * could still be completed by more bytes; used to cut long lines at a character boundary. */

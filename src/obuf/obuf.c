@@ -19,7 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
 #include <unistd.h>
 
 #include "json/json.h"
@@ -93,32 +92,6 @@ static int pwrite_all(int fd, const void *p, size_t n, uint64_t pos)
         c += w;
         n -= (size_t)w;
         pos += (uint64_t)w;
-    }
-    return 0;
-}
-
-static int pwritev_all(int fd, struct iovec *iov, int cnt, uint64_t pos)
-{
-    while (cnt > 0) {
-        ssize_t k = pwritev(fd, iov, cnt, (off_t)pos);
-        if (k < 0) {
-            if (errno == EINTR)
-                continue;
-            return -errno;
-        }
-        if (k == 0)
-            return -EIO;
-        pos += (uint64_t)k;
-        size_t done = (size_t)k;
-        while (cnt > 0 && done >= iov->iov_len) {
-            done -= iov->iov_len;
-            iov++;
-            cnt--;
-        }
-        if (cnt > 0) {
-            iov->iov_base = (char *)iov->iov_base + done;
-            iov->iov_len -= done;
-        }
     }
     return 0;
 }
@@ -364,58 +337,66 @@ static void put_hdr(char *h, size_t len, int stream, uint8_t flags, int64_t ts_m
     memcpy(h + 8, &ts_ms, 8);
 }
 
-/* Appends one record whose data is p1[0..n1) followed by p2[0..n2). */
-static int emit(struct obuf *b, int stream, uint8_t flags, const char *p1, size_t n1,
-                const char *p2, size_t n2, int64_t ts_ms)
+#define KEEP_ERR(r, e)          \
+    do {                        \
+        int e_ = (e);           \
+        if (e_ < 0 && (r) == 0) \
+            (r) = e_;           \
+    } while (0)
+
+/* A record starts at end_off: note it as a drop point if it opens a segment. */
+static void note_record_start(struct obuf *b)
 {
-    size_t len = n1 + n2, rec = OBUF_HDR_SIZE + len;
-    int r = 0;
-
-    if (b->pending == NULL)
-        b->pending = xmalloc(OBUF_PENDING_MAX);
-    if (b->pending_len + rec > OBUF_PENDING_MAX)
-        r = flush_pending(b);
-
     if (b->end_off >= b->next_seg) {
         if (b->end_off > b->first_off)
             bounds_push(b, b->end_off);
         b->next_seg = (b->end_off / OBUF_SEGMENT + 1) * OBUF_SEGMENT;
     }
+}
 
-    if (rec <= OBUF_PENDING_MAX) {
-        char *d = b->pending + b->pending_len;
-        put_hdr(d, len, stream, flags, ts_ms);
-        if (n1)
-            memcpy(d + OBUF_HDR_SIZE, p1, n1);
-        if (n2)
-            memcpy(d + OBUF_HDR_SIZE + n1, p2, n2);
-        b->pending_len += rec;
-        b->end_off += rec;
-    } else {
-        /* Near-maximal records do not fit the write-behind buffer (now empty): write them
-         * straight through with one pwritev. */
-        char h[OBUF_HDR_SIZE];
-        put_hdr(h, len, stream, flags, ts_ms);
-        struct iovec iov[3] = {{h, sizeof(h)}, {(void *)p1, n1}, {(void *)p2, n2}};
-        uint64_t pos = b->flushed_off;
-        b->end_off += rec;
-        b->flushed_off += rec;
-        int w = ensure_wfd(b);
-        if (w == 0)
-            w = pwritev_all(b->wfd, iov, 3, pos - b->file_base);
-        if (w < 0) {
-            lose_all(b);
-            if (r == 0)
-                r = w;
-        } else {
-            write_behind(b, b->flushed_off - b->file_base);
-        }
-    }
-
+/* A record of len data bytes was appended: counters and the budget. */
+static void note_record_end(struct obuf *b, int stream, uint8_t flags, size_t len)
+{
     if (!(flags & OBUF_F_MARK))
         b->logged.n[stream] += len + ((flags & OBUF_F_NL) ? 1 : 0);
     if (b->max_bytes && b->end_off - b->first_off > b->max_bytes)
         drop_to(b, b->max_bytes);
+}
+
+/* Room for a record of up to len data bytes (len + OBUF_HDR_SIZE <= OBUF_PENDING_MAX) in the
+ * write-behind buffer, flushing it first if needed: returns where its data goes. The record
+ * exists once commit() is called; until then nothing changed but a possible flush. */
+static char *reserve(struct obuf *b, size_t len, int *r)
+{
+    if (b->pending == NULL)
+        b->pending = xmalloc(OBUF_PENDING_MAX);
+    if (b->pending_len + OBUF_HDR_SIZE + len > OBUF_PENDING_MAX)
+        KEEP_ERR(*r, flush_pending(b));
+    return b->pending + b->pending_len + OBUF_HDR_SIZE;
+}
+
+/* Appends the record whose len data bytes reserve() placed. */
+static void commit(struct obuf *b, int stream, uint8_t flags, size_t len, int64_t ts_ms)
+{
+    note_record_start(b);
+    put_hdr(b->pending + b->pending_len, len, stream, flags, ts_ms);
+    b->pending_len += OBUF_HDR_SIZE + len;
+    b->end_off += OBUF_HDR_SIZE + len;
+    note_record_end(b, stream, flags, len);
+}
+
+/* Appends one record whose data is p1[0..n1) followed by p2[0..n2). */
+static int emit(struct obuf *b, int stream, uint8_t flags, const char *p1, size_t n1,
+                const char *p2, size_t n2, int64_t ts_ms)
+{
+    size_t len = n1 + n2;
+    int r = 0;
+    char *d = reserve(b, len, &r);
+    if (n1)
+        memcpy(d, p1, n1);
+    if (n2)
+        memcpy(d + n1, p2, n2);
+    commit(b, stream, flags, len, ts_ms);
     return r;
 }
 
@@ -438,13 +419,6 @@ static size_t chunk_len(const char *s)
     return cut ? cut : OBUF_LINE_MAX;
 }
 
-#define KEEP_ERR(r, e)          \
-    do {                        \
-        int e_ = (e);           \
-        if (e_ < 0 && (r) == 0) \
-            (r) = e_;           \
-    } while (0)
-
 int obuf_write(struct obuf *b, int stream, const char *data, size_t n, int64_t ts_ms)
 {
     if (stream != OBUF_STDOUT && stream != OBUF_STDERR)
@@ -457,6 +431,32 @@ int obuf_write(struct obuf *b, int stream, const char *data, size_t n, int64_t t
 
     while (n > 0) {
         bool plain; /* of data[0..linelen) */
+        if (p->len == 0) {
+            /* The usual case, a line that starts here: its bytes go into their record in
+             * the write-behind buffer while they are scanned (one pass over each byte). */
+            size_t lim = MIN(n, (size_t)OBUF_LINE_MAX);
+            char *d = reserve(b, lim, &r);
+            const char *nl = json_scan_copy_line(d, data, lim, &plain);
+            if (nl != NULL) {
+                size_t k = (size_t)(nl - data);
+                commit(b, stream, OBUF_F_NL | (plain ? OBUF_F_PLAIN : 0), k, ts_ms);
+                b->lines[stream]++;
+                data += k + 1;
+                n -= k + 1;
+                continue;
+            }
+            if (lim == n) {
+                /* The rest is the start of a line: it waits for its end. */
+                if (p->buf == NULL)
+                    p->buf = xmalloc(OBUF_LINE_MAX);
+                memcpy(p->buf, data, n);
+                p->len = n;
+                p->plain = plain;
+                p->ts_ms = ts_ms;
+                break;
+            }
+            /* A line longer than OBUF_LINE_MAX: chunked below. */
+        }
         const char *nl = json_scan_line(data, n, &plain);
         size_t linelen = nl ? (size_t)(nl - data) : n;
         size_t used = linelen + (nl ? 1 : 0);

@@ -53,7 +53,8 @@
 #define OBUF_HDR_SIZE 16
 #define OBUF_LINE_MAX (64 * 1024)                 /* longest record data */
 #define OBUF_REC_MAX (OBUF_HDR_SIZE + OBUF_LINE_MAX)
-#define OBUF_PENDING_MAX (256 * 1024)         /* one batch of reads (PROC_FLUSH_BATCH) fits */
+#define OBUF_PENDING_MAX (256 * 1024)  /* holds a batch of reads (PROC_FLUSH_BATCH), and any record */
+_Static_assert(OBUF_PENDING_MAX >= OBUF_REC_MAX, "a record fits the write-behind buffer");
 #define OBUF_SEGMENT (1024 * 1024)                /* granularity of head dropping */
 #define OBUF_WB_CHUNK (8u << 20)     /* writeback is started per this many logged bytes */
 #define OBUF_CACHE_KEEP (16u << 20)  /* the log's tail left in the page cache */

@@ -157,7 +157,8 @@ TEST(json_escape_random_matches_reference_and_jansson)
 }
 
 /* json_scan_line is memchr('\n') plus json_plain of what precedes it, for every length and
- * every position of the first special byte (the vector loop and its tail). */
+ * every position of the first special byte (the vector loops, AVX2 where the CPU has it, and
+ * their tails). */
 TEST(json_scan_line_matches_memchr_and_plain)
 {
     srand(777);
@@ -169,12 +170,21 @@ TEST(json_scan_line_matches_memchr_and_plain)
             in[i] = (char)(0x20 + rand() % 95);
         for (int k = rand() % 4; k > 0 && n > 0; k--)
             in[rand() % (int)n] = (char)specials[rand() % (int)sizeof(specials)];
-        bool plain = !plain;
+        bool plain = false;
         const char *nl = json_scan_line(in, n, &plain);
         const char *want = memchr(in, '\n', n);
         ASSERT(nl == want);
         size_t before = want ? (size_t)(want - in) : n;
         ASSERT_EQ(plain, json_plain(in, before));
+        /* The copying form: same answers, the line copied, nothing written past n. */
+        char dst[sizeof(in) + 64];
+        memset(dst, 0x5a, sizeof(dst));
+        bool plain2 = !plain;
+        ASSERT(json_scan_copy_line(dst, in, n, &plain2) == want);
+        ASSERT_EQ(plain2, plain);
+        ASSERT_MEMEQ(dst, in, before);
+        for (size_t i = n; i < sizeof(dst); i++)
+            ASSERT_EQ((unsigned char)dst[i], 0x5a);
     }
 }
 

@@ -513,7 +513,7 @@ TEST(obuf_read_while_appending)
 /* Past OBUF_WB_CHUNK and OBUF_CACHE_KEEP the log's older pages are written back and dropped
  * from the page cache: a reader far behind (here: from offset 0, after 40 MiB) and one that
  * keeps up both read every byte, in order, from the disk or the cached tail. Long (64 KiB)
- * lines take the pwritev path, short ones the write-behind buffer. */
+ * and short lines are mixed. */
 TEST(obuf_big_log_reads_back_after_cache_drop)
 {
     char *path = mkpath("log");
