@@ -8,11 +8,14 @@
  * dropped head segments become holes (FALLOC_FL_PUNCH_HOLE). Where punching is unsupported
  * the retained tail is copied to a fresh file, which then starts at logical file_base.
  *
- * Invariant while producing: flushed_off + pending_len == end_off, and the file holds every
- * logical byte in [max(first_off, file_base), flushed_off).
+ * Invariant while producing: flushed_off + pending_len == end_off, and every logical byte in
+ * [max(first_off, file_base), flushed_off) is in the file or in a direct write in flight
+ * (jobs, read from their buffers until done). In direct mode flushed_off is a multiple of
+ * OBUF_DIRECT_ALIGN and pending is an aligned chunk buffer; file_base is then always 0.
  */
 #include "obuf/obuf.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -21,11 +24,27 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#ifndef O_DIRECT
+#define O_DIRECT 0
+#endif
+
 #include "json/json.h"
 #include "util/util.h"
 
 /* Test hook (internal): behave as if the filesystem could not punch holes. */
 bool obuf__no_punch;
+
+static const struct obuf_io *dio;  /* obuf_set_io */
+static bool dio_refused;           /* O_DIRECT said EINVAL here once: never again */
+
+/* One direct write in flight. */
+struct obuf_job {
+    struct obuf *b;
+    struct obuf_job *next;  /* the store's jobs, in offset order */
+    char *buf;              /* aligned chunk buffer, owned */
+    uint64_t off;           /* logical offset of buf[0] */
+    size_t len;             /* a multiple of OBUF_DIRECT_ALIGN */
+};
 
 struct partial {
     char *buf;      /* OBUF_LINE_MAX bytes, allocated on first use */
@@ -57,8 +76,19 @@ struct obuf {
     uint64_t uncached;    /* file offset below which cached pages were let go */
     struct obuf_reader *readers;  /* live readers: their pages stay cached */
 
-    char *pending;        /* OBUF_PENDING_MAX bytes: logical [flushed_off, end_off) */
+    char *pending;        /* pending_cap bytes: logical [flushed_off, end_off) */
     size_t pending_len;
+    size_t pending_cap;   /* OBUF_PENDING_MAX, or direct_cap() in direct mode */
+
+    bool direct;          /* direct mode (see obuf.h): pending is the chunk being filled */
+    bool freed;           /* obuf_free() ran; the struct waits for its last job */
+    int dfd;              /* O_WRONLY | O_DIRECT on the file, -1 */
+    const struct obuf_io *io;
+    struct obuf_job *jobs;
+    unsigned njobs;
+    uint64_t mode_off;    /* end_off when the mode last changed */
+    uint64_t batch_off;   /* end_off at the last obuf_flush() */
+    uint64_t sweep_off;   /* end_off at the last obuf_sweep() */
 
     struct partial part[3];
 
@@ -232,6 +262,8 @@ static void write_behind(struct obuf *b, uint64_t end)
 static void reclaim(struct obuf *b)
 {
     uint64_t upto = MIN(b->first_off, b->flushed_off);
+    if (b->jobs != NULL)
+        upto = MIN(upto, b->jobs->off); /* a punch would race the write */
     if (!b->created || upto <= b->reclaimed)
         return;
     int fd = b->wfd;
@@ -252,8 +284,8 @@ static void reclaim(struct obuf *b)
         b->no_punch = true;
     }
     uint64_t dead = upto - b->file_base, live = b->flushed_off - upto;
-    if (dead >= live && dead >= OBUF_SEGMENT)
-        rewrite_file(b, fd, upto);
+    if (dead >= live && dead >= OBUF_SEGMENT && !b->direct && b->jobs == NULL)
+        rewrite_file(b, fd, upto); /* (with direct writes about, at a later drop) */
 out:
     if (fd != b->wfd)
         close(fd);
@@ -302,6 +334,7 @@ static int flush_pending(struct obuf *b)
 {
     if (b->pending_len == 0)
         return 0;
+    assert(!b->direct);
     const char *p = b->pending;
     size_t n = b->pending_len;
     uint64_t pos = b->flushed_off;
@@ -363,15 +396,204 @@ static void note_record_end(struct obuf *b, int stream, uint8_t flags, size_t le
         drop_to(b, b->max_bytes);
 }
 
+/* ---- direct writes (see obuf.h) ---- */
+
+static size_t direct_cap(void)
+{
+    size_t n = OBUF_DIRECT_CHUNK + OBUF_REC_MAX;
+    return (n + OBUF_DIRECT_ALIGN - 1) & ~(size_t)(OBUF_DIRECT_ALIGN - 1);
+}
+
+/* Chunk buffers are recycled while any store is in direct mode: a fresh 1 MiB allocation is
+ * 256 page faults (and, on a VM, the host's faults behind them) per chunk, which cost more
+ * than the page-cache writes they replace. The spares go when the last store leaves. */
+#define SPARE_MAX 4
+static char *spare[SPARE_MAX];
+static unsigned nspare, ndirect;
+
+static char *chunk_alloc(void)
+{
+    void *p;
+    if (nspare > 0)
+        return spare[--nspare];
+    if (posix_memalign(&p, OBUF_DIRECT_ALIGN, direct_cap()) != 0)
+        abort(); /* as xmalloc does */
+    return p;
+}
+
+static void chunk_free(char *p)
+{
+    if (p == NULL)
+        return;
+    if (ndirect > 0 && nspare < SPARE_MAX)
+        spare[nspare++] = p;
+    else
+        free(p);
+}
+
+static void direct_count(int delta)
+{
+    ndirect = (unsigned)((int)ndirect + delta);
+    while (ndirect == 0 && nspare > 0)
+        free(spare[--nspare]);
+}
+
+/* Writes n bytes at logical pos through the page cache. */
+static int write_buffered(struct obuf *b, const char *p, size_t n, uint64_t pos)
+{
+    int r = ensure_wfd(b);
+    if (r == 0)
+        r = pwrite_all(b->wfd, p, n, pos - b->file_base);
+    if (r == 0)
+        write_behind(b, pos + n - b->file_base);
+    return r;
+}
+
+/* Enters direct mode right after a flush (pending is empty and released): the chunk buffer
+ * starts at flushed_off rounded down to OBUF_DIRECT_ALIGN, so it first gets back the bytes
+ * of that block already in the file. */
+static void enter_direct(struct obuf *b)
+{
+    if (b->dfd < 0) {
+        b->dfd = open(b->path, O_WRONLY | O_DIRECT | O_CLOEXEC);
+        if (b->dfd < 0) {
+            if (errno == EINVAL)
+                dio_refused = true;
+            return;
+        }
+    }
+    uint64_t at = b->flushed_off & ~(uint64_t)(OBUF_DIRECT_ALIGN - 1);
+    size_t head = (size_t)(b->flushed_off - at);
+    char *buf = chunk_alloc();
+    if (head > 0 && (ensure_wfd(b) < 0 || pread_all(b->wfd, buf, head, at) < 0)) {
+        chunk_free(buf);
+        return;
+    }
+    free(b->pending);
+    b->pending = buf;
+    b->pending_len = head;
+    b->pending_cap = direct_cap();
+    b->flushed_off = at;
+    b->direct = true;
+    b->mode_off = b->end_off;
+    direct_count(1);
+}
+
+/* Leaves direct mode: what the chunk buffer holds goes to the file through the page cache,
+ * and the buffer is released. Jobs in flight finish on their own. */
+static int leave_direct(struct obuf *b)
+{
+    int r = 0;
+    if (!b->direct)
+        return 0;
+    if (b->pending_len > 0)
+        r = write_buffered(b, b->pending, b->pending_len, b->flushed_off);
+    b->flushed_off += b->pending_len;
+    b->pending_len = 0;
+    chunk_free(b->pending);
+    b->pending = NULL;
+    b->pending_cap = OBUF_PENDING_MAX;
+    b->direct = false;
+    b->mode_off = b->end_off;
+    direct_count(-1);
+    if (r < 0)
+        lose_all(b);
+    return r;
+}
+
+/* The chunk buffer is full: its whole blocks go out as a direct write (or, with
+ * OBUF_DIRECT_JOBS in flight already, through the page cache right here), the rest moves to
+ * a fresh buffer. */
+static int direct_submit(struct obuf *b)
+{
+    size_t n = b->pending_len & ~(size_t)(OBUF_DIRECT_ALIGN - 1);
+    size_t rest = b->pending_len - n;
+    char *next = chunk_alloc();
+    int r = 0;
+    memcpy(next, b->pending + n, rest);
+    if (b->njobs < OBUF_DIRECT_JOBS && !dio_refused) {
+        struct obuf_job *j = xcalloc(1, sizeof(*j));
+        j->b = b;
+        j->buf = b->pending;
+        j->off = b->flushed_off;
+        j->len = n;
+        struct obuf_job **pp = &b->jobs;
+        while (*pp != NULL)
+            pp = &(*pp)->next;
+        *pp = j;
+        b->njobs++;
+        b->pending = next;
+        b->pending_len = rest;
+        b->flushed_off += n;
+        b->io->submit(b->io->ctx, j, b->dfd, j->buf, j->len, j->off - b->file_base);
+        return 0;
+    }
+    r = write_buffered(b, b->pending, n, b->flushed_off);
+    chunk_free(b->pending);
+    b->pending = next;
+    b->pending_len = rest;
+    b->flushed_off += n;
+    if (r < 0)
+        lose_all(b);
+    return r;
+}
+
+static void free_store(struct obuf *b)
+{
+    if (b->dfd >= 0)
+        close(b->dfd);
+    free(b);
+}
+
+void obuf_job_done(struct obuf_job *j, ssize_t result)
+{
+    struct obuf *b = j->b;
+    struct obuf_job **pp = &b->jobs;
+    while (*pp != j)
+        pp = &(*pp)->next;
+    *pp = j->next;
+    b->njobs--;
+    if (!b->freed && (result < 0 || (size_t)result < j->len)) {
+        /* Redo it through the page cache; never trust O_DIRECT here again if it was refused. */
+        if (result == -EINVAL)
+            dio_refused = true;
+        size_t done = result > 0 ? (size_t)result : 0;
+        if (write_buffered(b, j->buf + done, j->len - done, j->off + done) < 0)
+            lose_all(b);
+        /* (a store in direct mode leaves it at its next flush; this may run inside submit) */
+    }
+    chunk_free(j->buf);
+    free(j);
+    if (b->freed && b->jobs == NULL)
+        free_store(b);
+}
+
+void obuf_set_io(const struct obuf_io *io)
+{
+    dio = io;
+}
+
+void obuf_sweep(struct obuf *b)
+{
+    if (b->direct && b->end_off == b->sweep_off)
+        leave_direct(b);
+    b->sweep_off = b->end_off;
+}
+
+bool obuf_is_direct(const struct obuf *b)
+{
+    return b->direct;
+}
+
 /* Room for a record of up to len data bytes (len + OBUF_HDR_SIZE <= OBUF_PENDING_MAX) in the
- * write-behind buffer, flushing it first if needed: returns where its data goes. The record
+ * write-behind buffer, flushing (or in direct mode submitting) it first if needed: returns where its data goes. The record
  * exists once commit() is called; until then nothing changed but a possible flush. */
 static char *reserve(struct obuf *b, size_t len, int *r)
 {
     if (b->pending == NULL)
         b->pending = xmalloc(OBUF_PENDING_MAX);
-    if (b->pending_len + OBUF_HDR_SIZE + len > OBUF_PENDING_MAX)
-        KEEP_ERR(*r, flush_pending(b));
+    if (b->pending_len + OBUF_HDR_SIZE + len > b->pending_cap)
+        KEEP_ERR(*r, b->direct ? direct_submit(b) : flush_pending(b));
     return b->pending + b->pending_len + OBUF_HDR_SIZE;
 }
 
@@ -552,12 +774,23 @@ int obuf_flush(struct obuf *b)
 {
     if (b->sealed)
         return 0;
-    int r = flush_pending(b);
-    /* The producer flushes once per batch of reads, so the write-behind buffer is only
-     * needed within a batch: a process that printed a line and went quiet keeps no 64 KiB
-     * buffer, nor does a partial-line buffer outlive its line. */
-    free(b->pending);
-    b->pending = NULL;
+    uint64_t batch = b->end_off - b->batch_off;
+    int r = 0;
+    b->batch_off = b->end_off;
+    if (b->direct && dio_refused)
+        r = leave_direct(b);
+    if (!b->direct) { /* (direct: the chunk buffer fills across batches; obuf_sweep() ends it) */
+        r = flush_pending(b);
+        /* The producer flushes once per batch of reads, so the write-behind buffer is only
+         * needed within a batch: a process that printed a line and went quiet keeps no
+         * buffer, nor does a partial-line buffer outlive its line. */
+        free(b->pending);
+        b->pending = NULL;
+        if (r == 0 && b->io != NULL && !dio_refused && batch >= OBUF_DIRECT_BATCH &&
+            b->end_off - b->mode_off >= OBUF_DIRECT_MIN && b->file_base == 0 &&
+            !b->no_punch && !obuf__no_punch)
+            enter_direct(b);
+    }
     for (int s = OBUF_STDOUT; s <= OBUF_STDERR; s++) {
         if (b->part[s].len == 0 && b->part[s].buf != NULL) {
             free(b->part[s].buf);
@@ -576,12 +809,19 @@ void obuf_seal(struct obuf *b)
         free(b->part[s].buf);
         b->part[s].buf = NULL;
     }
-    flush_pending(b);
+    if (b->direct)
+        leave_direct(b);
+    else
+        flush_pending(b);
     free(b->pending);
     b->pending = NULL;
     if (b->wfd >= 0) {
         close(b->wfd);
         b->wfd = -1;
+    }
+    if (b->dfd >= 0 && b->jobs == NULL) {
+        close(b->dfd);
+        b->dfd = -1;
     }
     b->sealed = true;
 }
@@ -631,22 +871,32 @@ int obuf_read(struct obuf *b, uint64_t *cursor, char *buf, size_t cap, size_t *r
         return 0;
     }
 
+    /* From the file, the buffers of direct writes in flight, and the write-behind buffer,
+     * in that order of offsets. */
     size_t got = 0;
-    if (cur < b->flushed_off) {
-        size_t n = (size_t)MIN((uint64_t)want, b->flushed_off - cur);
-        int fd = read_fd(b);
-        if (fd < 0)
-            return fd;
-        int r = pread_all(fd, buf, n, cur - b->file_base);
-        if (r < 0)
-            return r;
-        got = n;
-    }
-    if (got < want) {
-        /* The rest is still in the write-behind buffer. */
-        size_t at = (size_t)(cur + got - b->flushed_off);
-        memcpy(buf + got, b->pending + at, want - got);
-        got = want;
+    struct obuf_job *j = b->jobs;
+    while (got < want) {
+        uint64_t at = cur + got;
+        size_t left = want - got, n;
+        while (j != NULL && j->off + j->len <= at)
+            j = j->next;
+        if (at >= b->flushed_off) {
+            memcpy(buf + got, b->pending + (at - b->flushed_off), left);
+            n = left;
+        } else if (j != NULL && at >= j->off) {
+            n = (size_t)MIN((uint64_t)left, j->off + j->len - at);
+            memcpy(buf + got, j->buf + (at - j->off), n);
+        } else {
+            uint64_t upto = j != NULL ? j->off : b->flushed_off;
+            n = (size_t)MIN((uint64_t)left, upto - at);
+            int fd = read_fd(b);
+            if (fd < 0)
+                return fd;
+            int r = pread_all(fd, buf + got, n, at - b->file_base);
+            if (r < 0)
+                return r;
+        }
+        got += n;
     }
 
     /* Hand out whole records only; the cut one is read again next time. */
@@ -709,6 +959,9 @@ struct obuf *obuf_new(const char *path, uint64_t max_bytes)
     b->max_bytes = max_bytes;
     b->wfd = -1;
     b->rfd = -1;
+    b->dfd = -1;
+    b->io = dio;
+    b->pending_cap = OBUF_PENDING_MAX;
     b->next_seg = OBUF_SEGMENT;
     return b;
 }
@@ -725,11 +978,27 @@ void obuf_free(struct obuf *b)
         unlink(b->path);
     for (int s = 0; s < 3; s++)
         free(b->part[s].buf);
-    free(b->pending);
+    if (b->direct) {
+        chunk_free(b->pending);
+        b->direct = false;
+        direct_count(-1);
+    } else {
+        free(b->pending);
+    }
     free(b->bounds);
     free(b->braw);
     free(b->path);
-    free(b);
+    if (b->jobs != NULL) {
+        /* Their buffers are being written: the last one done frees the rest. */
+        b->freed = true;
+        b->wfd = b->rfd = -1;
+        b->pending = NULL;
+        b->bounds = NULL;
+        b->braw = NULL;
+        b->path = NULL;
+        return;
+    }
+    free_store(b);
 }
 
 void obuf_get_stats(const struct obuf *b, struct obuf_stats *ret)

@@ -312,6 +312,55 @@ void proc_unref(struct proc *p)
  * Output pipes
  */
 
+/* Direct writes of the output logs (obuf.h) run on libuv's threadpool: a blocking O_DIRECT
+ * pwrite of a 1 MiB chunk per job, completed back on the loop. */
+struct dio_req {
+    uv_fs_t fs;
+    struct obuf_job *job;
+};
+
+static void on_dio_done(uv_fs_t *fs)
+{
+    struct dio_req *d = container_of(fs, struct dio_req, fs);
+    ssize_t res = fs->result;
+    uv_fs_req_cleanup(fs);
+    obuf_job_done(d->job, res);
+    free(d);
+}
+
+static void dio_submit(void *ctx, struct obuf_job *job, int fd, const void *buf, size_t len,
+                       uint64_t off)
+{
+    struct dio_req *d = xmalloc(sizeof(*d));
+    uv_buf_t b = uv_buf_init((char *)buf, (unsigned int)len);
+    d->job = job;
+    int rc = uv_fs_write(ctx, &d->fs, fd, &b, 1, (int64_t)off, on_dio_done);
+    if (rc < 0) {
+        free(d);
+        obuf_job_done(job, rc);
+    }
+}
+
+static struct obuf_io dio_io = {.submit = dio_submit};
+
+/* Runs while some log is in direct mode: quiet ones let their chunk buffers go. */
+static void on_sweep(uv_timer_t *h)
+{
+    struct proc_table *t = h->data;
+    struct list *pos;
+    bool any = false;
+    list_foreach(pos, &t->procs)
+    {
+        struct proc *p = container_of(pos, struct proc, link);
+        if (p->state != PROC_DONE && p->out != NULL) {
+            obuf_sweep(p->out);
+            any |= obuf_is_direct(p->out);
+        }
+    }
+    if (!any)
+        uv_timer_stop(h);
+}
+
 /* End of a loop iteration that read output: flush every record that got some (one write to
  * its log, one PROC_EV_OUTPUT); the next iteration opens new read budgets (turn_spent). */
 static void on_check(uv_check_t *h)
@@ -352,6 +401,8 @@ static void flush_output(struct proc *p)
     account(p);
     notify(p, PROC_EV_OUTPUT);
     obuf_flush(p->out);
+    if (obuf_is_direct(p->out) && !uv_is_active((uv_handle_t *)&p->table->sweep))
+        uv_timer_start(&p->table->sweep, on_sweep, PROC_SWEEP_MS, PROC_SWEEP_MS);
 }
 
 static bool captures_closed(const struct proc *p)
@@ -1281,6 +1332,12 @@ int proc_table_new(uv_loop_t *loop, const struct proc_config *cfg, struct proc_t
     uv_check_init(loop, &t->flush_check);
     t->flush_check.data = t;
     t->handles++;
+    uv_timer_init(loop, &t->sweep);
+    t->sweep.data = t;
+    t->handles++;
+    uv_unref((uv_handle_t *)&t->sweep);
+    dio_io.ctx = loop;
+    obuf_set_io(&dio_io);
     uv_timer_init(loop, &t->timer);
     t->timer.data = t;
     uv_unref((uv_handle_t *)&t->timer);
@@ -1418,6 +1475,8 @@ void proc_table_free(struct proc_table *t)
     close(t->sigfd); /* libuv is done with it: uv_close stopped the poll */
     t->sigfd = -1;
     uv_close((uv_handle_t *)&t->flush_check, on_table_handle_close);
+    uv_close((uv_handle_t *)&t->sweep, on_table_handle_close);
+    obuf_set_io(NULL);
     uv_close((uv_handle_t *)&t->timer, on_table_handle_close);
     if (t->devnull >= 0)
         close(t->devnull);

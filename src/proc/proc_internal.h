@@ -27,6 +27,7 @@
 #define PROC_FLUSH_BATCH (128u * 1024) /* unflushed bytes that trigger a flush inside a read burst */
 #define PROC_TURN_BUDGET (256u * 1024) /* capture bytes one record reads per loop iteration */
 #define PROC_HEALTHY_RUN_MS 10000      /* a run this long resets the restart back-off */
+#define PROC_SWEEP_MS 500              /* how often quiet logs let their direct-write buffers go */
 
 /* ---- cgroups (cgroup.c) ---- */
 
@@ -204,6 +205,7 @@ struct proc_table {
     struct list dirty;
     uint64_t turn;            /* loop iterations that read output (flush_check runs) */
     uv_timer_t timer;         /* shutdown escalation / deferred done_cb */
+    uv_timer_t sweep;         /* obuf_sweep() of live records' logs, while any is live */
     int devnull;
     void *stack;              /* clone child stack, PROC_STACK_SIZE + guard page */
     uint64_t total_retained;

@@ -72,6 +72,39 @@ def test_req01_random_base64_sha(d):
         os.unlink(path)
 
 
+@harness.timeout(180)
+def test_req01_big_log_reads_back_live_late_and_after(d):
+    # 48 MiB of output: past a few MiB the daemon writes the log with O_DIRECT (docs/
+    # decisions.md); a follower from the start, one that attaches late (its replay comes from
+    # the disk and from chunks still in flight) and a replay after the end all get every byte.
+    import base64
+    import hashlib
+    data = os.urandom(36 << 20)
+    want = hashlib.sha256(data).hexdigest()
+    fd, path = tempfile.mkstemp(prefix="sbx-r1big-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    try:
+        p = d.sh("sleep 0.2; base64 %s; sleep 0.5; exit 4" % path)
+        live = d.follow(p["pid"])
+        time.sleep(0.6)  # the writer is well past the start by now
+        late = d.follow(p["pid"])
+        for name, st in (("live", live), ("late", late)):
+            events, _ = st.collect(120)
+            st.close()
+            lines = [e.json["line"] for e in events if isinstance(e.json, dict) and "line" in e.json]
+            assert events[-1].name == "eof" and events[-1].json["exit_code"] == 4, (name, events[-1])
+            got = hashlib.sha256(base64.b64decode("".join(lines))).hexdigest()
+            assert got == want, "%s follower: sha256 differs (%d lines)" % (name, len(lines))
+        after = d.follow(p["pid"])
+        events, _ = after.collect(120)
+        after.close()
+        lines = [e.json["line"] for e in events if isinstance(e.json, dict) and "line" in e.json]
+        assert hashlib.sha256(base64.b64decode("".join(lines))).hexdigest() == want, "replay"
+    finally:
+        os.unlink(path)
+
+
 @harness.timeout(90)
 def test_req01_status_implies_complete_output(d):
     # Once GET says the process ended, every byte is retrievable (scaled: 15 runs).

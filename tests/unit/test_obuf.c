@@ -564,6 +564,255 @@ TEST(obuf_big_log_reads_back_after_cache_drop)
     cleanup();
 }
 
+/* ---- direct writes ---- */
+
+/* A test executor for obuf's direct writes: jobs run at once, or wait in a queue until
+ * run_jobs(); fail_with makes them report that error instead of writing. */
+struct tjob {
+    struct obuf_job *job;
+    int fd;
+    const void *buf;
+    size_t len;
+    uint64_t off;
+};
+static struct tjob tq[64];
+static int ntq, jobs_seen;
+static bool t_immediate = true;
+static int t_fail_with;
+
+static void t_run(struct tjob *t)
+{
+    ssize_t r = t_fail_with ? -t_fail_with : pwrite(t->fd, t->buf, t->len, (off_t)t->off);
+    obuf_job_done(t->job, r);
+}
+
+static void t_submit(void *ctx, struct obuf_job *job, int fd, const void *buf, size_t len,
+                     uint64_t off)
+{
+    (void)ctx;
+    ASSERT(((uintptr_t)buf % OBUF_DIRECT_ALIGN) == 0 && len % OBUF_DIRECT_ALIGN == 0 &&
+           off % OBUF_DIRECT_ALIGN == 0);
+    jobs_seen++;
+    struct tjob t = {job, fd, buf, len, off};
+    if (t_immediate) {
+        t_run(&t);
+        return;
+    }
+    ASSERT(ntq < (int)(sizeof(tq) / sizeof(tq[0])));
+    tq[ntq++] = t;
+}
+
+/* Completes the queued jobs, newest first when reverse (out of order, as threads may). */
+static void run_jobs(bool reverse)
+{
+    while (ntq > 0) {
+        struct tjob t;
+        if (reverse) {
+            t = tq[--ntq];
+        } else {
+            t = tq[0];
+            memmove(tq, tq + 1, (size_t)--ntq * sizeof(tq[0]));
+        }
+        t_run(&t);
+    }
+}
+
+static const struct obuf_io t_io = {.submit = t_submit};
+
+/* Can the test dir take O_DIRECT writes? (Not on tmpfs, say.) */
+static bool direct_possible(void)
+{
+    char *p = mkpath("probe");
+    int fd = open(p, O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
+    bool ok = fd >= 0;
+    if (fd >= 0)
+        close(fd);
+    unlink(p);
+    free(p);
+    return ok;
+}
+
+/* Feeds `total` bytes of known lines (64 KiB ones on stdout, short ones on stderr) the way
+ * the process core does (a flush per batch), with a reader keeping up every `every`
+ * batches; returns whether the store was ever in direct mode. *nrec gets the record count. */
+static bool feed_known(struct obuf *b, uint64_t total, int every, uint64_t *live,
+                       uint64_t *ret_nrec)
+{
+    static char big[OBUF_LINE_MAX];
+    char line[100];
+    uint64_t nrec = 0, nlive = 0, fed = 0;
+    bool was_direct = false;
+    struct recs r = {0};
+    for (int i = 0; fed < total; i++) {
+        if (i % 2 == 0) {
+            memset(big, 'a' + i % 26, sizeof(big) - 1);
+            big[sizeof(big) - 1] = '\n';
+            ASSERT_EQ(obuf_write(b, OBUF_STDOUT, big, sizeof(big), i), 0);
+            fed += sizeof(big);
+            nrec++;
+        } else {
+            for (int k = 0; k < 100; k++) {
+                int n = snprintf(line, sizeof(line), "%d.%d\n", i, k);
+                ASSERT_EQ(obuf_write(b, OBUF_STDERR, line, (size_t)n, i), 0);
+                fed += (size_t)n;
+                nrec++;
+            }
+        }
+        ASSERT_EQ(obuf_flush(b), 0);
+        was_direct |= obuf_is_direct(b);
+        if (every > 0 && i % every == 0) {
+            read_all(b, live, OBUF_REC_MAX, &r);
+            nlive += r.n;
+            ASSERT_EQ(nlive, nrec);
+            recs_free(&r);
+        }
+    }
+    *ret_nrec = nrec;
+    return was_direct;
+}
+
+/* Every record feed_known() wrote, in order, read from offset 0. */
+static void check_known(struct obuf *b, uint64_t nrec)
+{
+    struct recs r = {0};
+    uint64_t cur = 0, nbig = 0, nsmall = 0;
+    read_all(b, &cur, OBUF_REC_MAX, &r);
+    ASSERT_EQ(r.n, (size_t)nrec);
+    for (size_t i = 0; i < r.n; i++) {
+        if (r.v[i].stream == OBUF_STDOUT) { /* batch 2 * nbig */
+            char want = (char)('a' + (2 * nbig++) % 26);
+            ASSERT_EQ(r.v[i].len, OBUF_LINE_MAX - 1);
+            for (size_t k = 0; k < r.v[i].len; k += 4093)
+                ASSERT_EQ(r.v[i].data[k], want);
+        } else { /* batch 2 * (nsmall / 100) + 1, line nsmall % 100 */
+            char want[32];
+            snprintf(want, sizeof(want), "%d.%d", (int)(2 * (nsmall / 100) + 1),
+                     (int)(nsmall % 100));
+            nsmall++;
+            ASSERT_EQ(r.v[i].len, strlen(want));
+            ASSERT_MEMEQ(r.v[i].data, want, r.v[i].len);
+        }
+    }
+    recs_free(&r);
+}
+
+/* A fast store goes direct, and every byte reads back, live and from the start, before and
+ * after sealing; the spare chunk buffers are gone once no store is direct. */
+TEST(obuf_direct_writes_read_back)
+{
+    bool can = direct_possible();
+    obuf_set_io(&t_io);
+    char *path = mkpath("log");
+    size_t h0 = heap_in_use();
+    struct obuf *b = obuf_new(path, 0);
+    uint64_t live = 0, nrec;
+    bool was = feed_known(b, 24u << 20, 3, &live, &nrec);
+    ASSERT_EQ(was, can);
+    if (can)
+        ASSERT(jobs_seen >= 10);
+    check_known(b, nrec);
+    obuf_seal(b);
+    ASSERT(!obuf_is_direct(b));
+    check_known(b, nrec);
+    obuf_free(b);
+    ASSERT(heap_in_use() <= h0 + 4096);
+    obuf_set_io(NULL);
+    free(path);
+    cleanup();
+}
+
+/* Jobs still in flight (completed late, out of order, or when more than OBUF_DIRECT_JOBS would
+ * be: written through the page cache instead) are read from their buffers; a quiet store
+ * leaves direct mode at the second sweep. */
+TEST(obuf_direct_jobs_in_flight)
+{
+    if (!direct_possible()) {
+        fprintf(stderr, "  (no O_DIRECT in %s: the buffered path is what runs)\n", tmpdir);
+    }
+    obuf_set_io(&t_io);
+    t_immediate = false;
+    char *path = mkpath("log");
+    struct obuf *b = obuf_new(path, 0);
+    uint64_t live = 0, nrec;
+    feed_known(b, 12u << 20, 2, &live, &nrec);
+    if (obuf_is_direct(b)) {
+        ASSERT_EQ(ntq, OBUF_DIRECT_JOBS); /* never more in flight */
+        check_known(b, nrec);             /* from the file and the jobs' buffers */
+        run_jobs(true);
+        check_known(b, nrec);
+        obuf_sweep(b);
+        ASSERT(obuf_is_direct(b)); /* output since the last sweep (none before) */
+        obuf_sweep(b);
+        ASSERT(!obuf_is_direct(b));
+    }
+    check_known(b, nrec);
+    obuf_free(b);
+    obuf_set_io(NULL);
+    free(path);
+    cleanup();
+}
+
+/* A failed direct write is redone through the page cache: no byte is lost. EINVAL (O_DIRECT
+ * refused) also ends direct writes, for this store and every later one. */
+TEST(obuf_direct_failures_fall_back)
+{
+    bool can = direct_possible();
+    obuf_set_io(&t_io);
+    char *path = mkpath("a"), *path2 = mkpath("b"), *path3 = mkpath("c");
+    uint64_t live = 0, nrec;
+    struct obuf_stats st;
+
+    t_fail_with = EIO;
+    struct obuf *b = obuf_new(path, 0);
+    feed_known(b, 8u << 20, 4, &live, &nrec);
+    ASSERT_EQ(jobs_seen > 0, can);
+    check_known(b, nrec);
+    obuf_get_stats(b, &st);
+    ASSERT_EQ(st.dropped_bytes, 0);
+    obuf_free(b);
+
+    t_fail_with = EINVAL;
+    int before = jobs_seen;
+    live = 0;
+    b = obuf_new(path2, 0);
+    feed_known(b, 8u << 20, 4, &live, &nrec);
+    ASSERT_EQ(jobs_seen == before + 1, can); /* the one refused */
+    ASSERT(!obuf_is_direct(b));
+    check_known(b, nrec);
+    obuf_free(b);
+
+    t_fail_with = 0;
+    before = jobs_seen;
+    live = 0;
+    b = obuf_new(path3, 0);
+    feed_known(b, 8u << 20, 0, &live, &nrec);
+    ASSERT_EQ(jobs_seen, before); /* refused once: never tried again */
+    check_known(b, nrec);
+    obuf_free(b);
+
+    obuf_set_io(NULL);
+    free(path);
+    free(path2);
+    free(path3);
+    cleanup();
+}
+
+/* obuf_free with jobs in flight: the store waits for them, then is gone (ASan checks). */
+TEST(obuf_direct_free_with_jobs_in_flight)
+{
+    obuf_set_io(&t_io);
+    t_immediate = false;
+    char *path = mkpath("log");
+    struct obuf *b = obuf_new(path, 0);
+    uint64_t live = 0, nrec;
+    feed_known(b, 10u << 20, 0, &live, &nrec);
+    obuf_free(b);
+    run_jobs(false);
+    obuf_set_io(NULL);
+    free(path);
+    cleanup();
+}
+
 /* Pages of the file's first len bytes that are in the page cache. */
 static size_t cached_pages(const char *path, size_t len)
 {
