@@ -72,7 +72,7 @@ _Static_assert(OBUF_PENDING_MAX >= OBUF_REC_MAX, "a record fits the write-behind
  * output between two obuf_sweep() calls) writes what it holds the usual way and lets its buffers go.
  * Where O_DIRECT is refused, or with no executor, everything stays buffered. */
 #define OBUF_DIRECT_ALIGN 4096u
-#define OBUF_DIRECT_CHUNK (1024u * 1024)
+#define OBUF_DIRECT_CHUNK (512u * 1024)
 #define OBUF_DIRECT_JOBS 2
 #define OBUF_DIRECT_MIN (4u << 20)
 #define OBUF_DIRECT_BATCH (64u * 1024)   /* a batch this big enters direct mode */
