@@ -324,6 +324,18 @@ class Bench:
             f.write(raw)
         return p
 
+    def paired_floor(self, cmd):
+        """The floor of one workload measured again right before a daemon repetition (the VM's
+        speed drifts within minutes: the producer alone ran at 370-1,036 MB/s in one run). None
+        with --no-floor."""
+        if self.a.no_floor:
+            return None
+        try:
+            return run_json(cmd, timeout=300)
+        except (RuntimeError, subprocess.SubprocessError, ValueError) as e:
+            log(f"  paired floor failed: {e}")
+            return None
+
     def httpload(self, mode, port, req, *opts, timeout=600):
         return run_json([os.path.join(BIN, "httpload"), mode, "--port", str(port), "--req", req,
                          *map(str, opts)], timeout=timeout)
@@ -408,11 +420,14 @@ class Bench:
         req = self.reqfile(f"{tag}-run-true", d.run_request("/bin/true", []))
         runs = []
         for i in range(c["reps"]):
+            # the paired floor: bare spawn measured right before this repetition (see evaluate)
+            sp = self.paired_floor([os.path.join(BIN, "physlimits"), "spawn", str(c["spawn_n"] // 2)])
             with CpuDelta(proc) as cd:
                 r = self.httpload("lat", d.t.port, req, "--n", c["lat_n"], "--warmup", c["warmup"], "--expect",
                                   d.run_ok_marker, "--samples", self.path(f"{tag}-lat.samples"), timeout=300)
             r["daemon_cpu_us_per_run"], r["daemon_cpu_us_per_run_ticks"], r["children_cpu_us_per_run"] = \
                 cd.per(c["lat_n"] + c["warmup"])
+            r["paired_spawn_p50_us"] = sp["p50_us"] if sp else None
             runs.append(r)
             log(f"  latency: p50 {r['latency']['p50_us']} p90 {r['latency']['p90_us']} p99 {r['latency']['p99_us']} µs,"
                 f" bad {r['bad']}, reconnects {r['reconnects']}, daemon CPU/run {fmt(r['daemon_cpu_us_per_run'])} µs")
@@ -475,9 +490,11 @@ class Bench:
                             handle, _ = d.start("sh", ["-c", script])
                             raw, opts[1] = d.follow_request(handle)
                             req = self.reqfile(f"{tag}-follow", raw)
+                    pf = self.paired_floor([os.path.join(BIN, "physlimits"), "producer", str(nb), script])
                     with CpuDelta(proc) as cd:
                         r = self.httpload("stream", d.t.port, req, *opts, timeout=400)
                     r.pop("meta", None)
+                    r["paired_producer_mb_per_s"] = pf["mb_per_s"] if pf and pf.get("ok") else None
                     r["daemon_cpu_s"] = cd.per(1)[0] / 1e6 if proc else None
                     if proc:
                         st = proc.status()
@@ -500,7 +517,8 @@ class Bench:
                     "complete_runs": sum(bool(r["complete"]) for r in runs), "n_runs": len(runs),
                     "peak_rss_mib": summarize([r.get("daemon_peak_rss_mib") for r in runs]),
                     "peak_over_before_mib": summarize([r.get("daemon_peak_over_before_mib") for r in runs]),
-                    "daemon_cpu_s": summarize([r["daemon_cpu_s"] for r in runs])}
+                    "daemon_cpu_s": summarize([r["daemon_cpu_s"] for r in runs]),
+                    "paired_producer_mb_per_s": summarize([r["paired_producer_mb_per_s"] for r in runs])}
         return out
 
     # -- 5. memory --------------------------------------------------------------------------------
@@ -786,6 +804,12 @@ def evaluate(res):
     ref = sp + cl if sp is not None and cl is not None else None
     bad = dig(dm, "latency", "bad")
     r = p50 / ref if p50 is not None and ref else None
+    # Paired: each repetition against the spawn floor measured right before it (median of the
+    # per-repetition ratios); the client floor is the floor section's.
+    lr = dig(dm, "latency", "runs") or []
+    if lr and cl is not None and all(x.get("paired_spawn_p50_us") for x in lr):
+        r = statistics.median(x["latency"]["p50_us"] / (x["paired_spawn_p50_us"] + cl) for x in lr)
+        ref = statistics.median(x["paired_spawn_p50_us"] for x in lr) + cl
     add("run_p50", "run /bin/true p50", p50, ref, r, f"≤ {T_RUN_P50} × (spawn + client floor)",
         None if r is None else (r <= T_RUN_P50 and not bad))
     cpu = med(dig(dm, "latency", "daemon_cpu_us_per_run"))
@@ -808,6 +832,10 @@ def evaluate(res):
             else:
                 all_complete = False
             r = v / prod if v is not None and prod else None
+            runs = dig(s, "runs") or []
+            if runs and all(x.get("paired_producer_mb_per_s") for x in runs):
+                r = statistics.median(x["mb_per_s"] / x["paired_producer_mb_per_s"] for x in runs)
+                prod = statistics.median(x["paired_producer_mb_per_s"] for x in runs)
             add(f"{kind}_{shape}", f"{kind} SSE, {SHAPE_LABEL[shape]}", v, prod, r,
                 f"≥ {T_STREAM[shape]} × producer, all bytes", None if r is None else (r >= T_STREAM[shape] and complete))
     add("complete", "every stdout byte delivered", sum(dig(dm, "stream", k, "complete_runs") or 0 for k in
@@ -895,7 +923,7 @@ def build_table(res):
     row("**run to completion: POST /api/v1/processes/run of /bin/true**")
     t = T.get("run_p50")
     row("sequential, one keep-alive connection, p50 µs", fmt_s(dig(dm, "latency", "p50_us")),
-        fmt(t["ref"]) + " (spawn + client)" if t and t["ref"] else "–", *tgt("run_p50"),
+        fmt(t["ref"]) + " (spawn, paired, + client)" if t and t["ref"] else "–", *tgt("run_p50"),
         fmt(pp.get("lat_p50_us")), fmt_s(dig(L, "latency", "p50_us")))
     row("sequential, p90 µs", fmt_s(dig(dm, "latency", "p90_us")),
         fmt(add_floor(fl, "p90_us")),
@@ -933,7 +961,9 @@ def build_table(res):
             s = dig(dm, "stream", k)
             compl = f", {s['complete_runs']}/{s['n_runs']} complete" if s else ""
             row(f"{what}, {SHAPE_LABEL[shape]}, MB/s", fmt_s(dig(s, "mb_per_s")) + compl,
-                fmt_s(dig(fl, f"producer_{shape}", "mb_per_s")) + " (producer)", *tgt(k),
+                (fmt_s(dig(s, "paired_producer_mb_per_s")) + " (producer, paired)"
+                 if dig(s, "paired_producer_mb_per_s") else
+                 fmt_s(dig(fl, f"producer_{shape}", "mb_per_s")) + " (producer)"), *tgt(k),
                 (fmt(pp.get(f"{k}_mb_per_s")) + (f", {pp.get(f'{k}_complete')} complete, "
                                                   f"{fmt(pp.get(f'{k}_received_pct'), 1)} % received")
                  if pp.get(f"{k}_mb_per_s") is not None else ""),
@@ -1165,7 +1195,10 @@ def write_outputs(res, samples, outdir):
             f"load average {', '.join(f'{x:.2f}' for x in m['loadavg_start'])} at start, "
             f"{', '.join(f'{x:.2f}' for x in m.get('loadavg_end', ()))} at the end; {m.get('seconds')} s. "
             f"{m['config']['reps']} repetitions per figure; cells are **median [min–max]**. "
-            f"Floor and daemon were measured in the same run. The peer column is rivet sandbox-agent 0.4.2 as "
+            f"Floor and daemon were measured in the same run; the run p50 and stream targets are *paired*: "
+            f"bare spawn and the producer alone are measured again right before each daemon repetition, and "
+            f"the ratio is the median of the repetitions' ratios (the floor section shows the floor measured "
+            f"first). The peer column is rivet sandbox-agent 0.4.2 as "
             f"published in `{(res.get('peer_published') or {}).get('source', 'n/a')}` (same kind of machine, "
             f"another day: compare ratios, not absolute µs).", ""]
     if m.get("note"):
