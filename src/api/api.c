@@ -83,7 +83,7 @@ void api_reply_spawn_error(struct http_req *r, int err, const char *msg)
     switch (err) {
     case -ENOENT:
         status = 400;
-        code = strstr(msg, "directory") != NULL ? "WORKING_DIR_NOT_FOUND" : "COMMAND_NOT_FOUND";
+        code = strstr(msg, "working directory") != NULL ? "WORKING_DIR_NOT_FOUND" : "COMMAND_NOT_FOUND";
         break;
     case -ENOTDIR:
         status = 400;

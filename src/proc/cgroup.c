@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -233,7 +234,25 @@ static char *own_dir(const char *mnt, const char *root, const char *path)
     return *path ? xasprintf("%s/%s", mnt, path) : xstrdup(mnt);
 }
 
-/* Removes what crashed daemons left in parent: sandboxd-<pid> dirs whose pid is gone. */
+/* Each daemon holds an flock on its sandboxd-<pid> dirs for as long as it lives (released
+ * by the kernel when it dies). The pid alone cannot tell a crashed daemon's dir: a daemon in
+ * another PID namespace (a container's PID 1, say) sharing this cgroup parent has a pid that
+ * kill() here does not see, and removing its idle pooled dirs made every later spawn of it
+ * fail (clone3 into a removed cgroup: ENOENT). -1 if dir cannot be opened or locked. */
+static int lock_dir(const char *dir)
+{
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        close(fd);
+        return -1;
+    }
+    return fd;
+}
+
+/* Removes what crashed daemons left in parent: sandboxd-<pid> dirs whose pid is gone and
+ * that no live daemon holds locked (see lock_dir). */
 static void clean_stale(const char *parent, pid_t self)
 {
     DIR *d = opendir(parent);
@@ -247,17 +266,29 @@ static void clean_stale(const char *parent, pid_t self)
         pid_t pid = (pid_t)atol(e->d_name + 9);
         if (pid == self || kill(pid, 0) == 0 || errno != ESRCH)
             continue;
-        if ((size_t)snprintf(path, sizeof(path), "%s/%s", parent, e->d_name) < sizeof(path))
-            rmdir_tree(path, 0);
+        if ((size_t)snprintf(path, sizeof(path), "%s/%s", parent, e->d_name) >= sizeof(path))
+            continue;
+        int fd = lock_dir(path);
+        if (fd < 0)
+            continue; /* held: its daemon lives, in another PID namespace */
+        rmdir_tree(path, 0);
+        close(fd);
     }
     closedir(d);
 }
 
-static char *make_base(const char *own, pid_t self)
+/* Our sandboxd-<pid> dir under own, created and locked (*lock_fd). NULL if it cannot be made,
+ * or if another live daemon (same pid number, another PID namespace) holds it. */
+static char *make_base(const char *own, pid_t self, int *lock_fd)
 {
     clean_stale(own, self);
     char *base = xasprintf("%s/sandboxd-%d", own, (int)self);
     if (mkdir(base, 0755) < 0 && errno != EEXIST) {
+        free(base);
+        return NULL;
+    }
+    if ((*lock_fd = lock_dir(base)) < 0) {
+        log_warn("cgroups: %s is held by another daemon; not using it", base);
         free(base);
         return NULL;
     }
@@ -308,6 +339,7 @@ int proc__cg_init(struct proc_table *t)
 
     list_init(&cg->pool);
     list_init(&cg->linger);
+    cg->v2_lock = cg->mem_lock = -1;
     cg->retry_ms = RETRY_MIN_MS;
     uv_timer_init(t->loop, &cg->timer);
     cg->timer.data = t;
@@ -323,7 +355,7 @@ int proc__cg_init(struct proc_table *t)
 
     if (v2mnt != NULL && v2path != NULL && !(proc__cg_disable & 1)) {
         char *own = own_dir(v2mnt, v2root, v2path);
-        if (own != NULL && (cg->v2_base = make_base(own, t->self_pid)) != NULL) {
+        if (own != NULL && (cg->v2_base = make_base(own, t->self_pid, &cg->v2_lock)) != NULL) {
             cg->own_v2 = own;
             own = NULL;
             char probe[PATH_MAX];
@@ -337,7 +369,7 @@ int proc__cg_init(struct proc_table *t)
     if (!cg->mem_is_v2 && memmnt != NULL && mempath != NULL && !(proc__cg_disable & 2)) {
         char *own = own_dir(memmnt, memroot, mempath);
         if (own != NULL)
-            cg->mem_base = make_base(own, t->self_pid);
+            cg->mem_base = make_base(own, t->self_pid, &cg->mem_lock);
         free(own);
     }
 
@@ -828,5 +860,10 @@ void proc__cg_close(struct proc_table *t)
     free(g->v2_base);
     free(g->mem_base);
     g->own_v2 = g->v2_base = g->mem_base = NULL;
+    if (g->v2_lock >= 0)
+        close(g->v2_lock);
+    if (g->mem_lock >= 0)
+        close(g->mem_lock);
+    g->v2_lock = g->mem_lock = -1;
     g->mode = PROC_CG_NONE;
 }

@@ -61,6 +61,7 @@ struct proc_cgroups {
     char *own_v2;         /* the daemon's own cgroup2 dir (pure v2 leaf handling) */
     char *v2_base;        /* <v2 mount><own path>/sandboxd-<pid>, NULL if unused */
     char *mem_base;       /* <memory mount><own path>/sandboxd-<pid> (v1), NULL if unused */
+    int v2_lock, mem_lock; /* open, flock()ed v2_base / mem_base: "this daemon lives" */
     bool mem_is_v2;       /* the v2 dirs carry the memory controller */
     bool moved_self;      /* pure v2: the daemon moved itself into v2_base/daemon */
     bool has_kill;        /* cgroup.kill exists */

@@ -647,7 +647,9 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
         proc__cg_procs_done(cg, cg_fd);
 
     if (pid < 0) {
-        rc = -clone_errno;
+        /* Not the request's fault (a missing file here is a cgroup removed under us): only
+         * resource exhaustion keeps its errno, the rest is the daemon's failure. */
+        rc = clone_errno == EAGAIN || clone_errno == ENOMEM ? -clone_errno : -EIO;
         snprintf(err, errlen, "cannot spawn: %s", strerror(clone_errno));
         goto fail;
     }

@@ -382,21 +382,22 @@ def test_shutdown_with_run_stream_open():
         s.close()
 
 
+class NsDaemon(Daemon):
+    def cmdline(self):
+        return ["unshare", "--pid", "--fork", "--kill-child"] + Daemon.cmdline(self)
+
+    def stop(self, sig=signal.SIGTERM, timeout_s=20):
+        # unshare does not forward signals: stop the daemon (PID 1 inside) itself, then
+        # unshare exits with it. PID 1 ignores signals it has no handler for, so a clean
+        # exit also shows the daemon's handlers work there.
+        for k in harness.children_of(self.pid):
+            os.kill(k["pid"], sig)
+        return Daemon.stop(self, sig, timeout_s)
+
+
 def test_pid1_in_a_pid_namespace_reaps_orphans():
     # As PID 1 of a container the daemon is every orphan's parent: it must reap them all.
     # unshare --pid --fork makes the daemon PID 1 of a new PID namespace.
-    class NsDaemon(Daemon):
-        def cmdline(self):
-            return ["unshare", "--pid", "--fork", "--kill-child"] + Daemon.cmdline(self)
-
-        def stop(self, sig=signal.SIGTERM, timeout_s=20):
-            # unshare does not forward signals: stop the daemon (PID 1 inside) itself, then
-            # unshare exits with it. PID 1 ignores signals it has no handler for, so a clean
-            # exit also shows the daemon's handlers work there.
-            for k in harness.children_of(self.pid):
-                os.kill(k["pid"], sig)
-            return Daemon.stop(self, sig, timeout_s)
-
     if shutil.which("unshare") is None or os.geteuid() != 0:
         raise harness.Skip("needs root and unshare(1) for a PID namespace")
     with NsDaemon() as dm:
@@ -415,3 +416,21 @@ def test_pid1_in_a_pid_namespace_reaps_orphans():
         assert not zombies, "unreaped: %r" % zombies
         assert dm.get("/api/v1/health").status == 200
     assert dm.returncode == 0, dm.returncode
+
+
+def test_daemon_in_another_pid_namespace_leaves_our_cgroups_alone():
+    # A daemon in another PID namespace (a container's PID 1) sharing our cgroup parent cannot
+    # see our pid; its start-up sweep of crashed daemons' sandboxd-<pid> dirs once removed our
+    # idle pooled dirs, and every spawn after that failed (clone3 into a removed cgroup).
+    if shutil.which("unshare") is None or os.geteuid() != 0:
+        raise harness.Skip("needs root and unshare(1) for a PID namespace")
+    with Daemon() as dm:
+        def run_ok():
+            for _ in range(3):
+                p = dm.start("/bin/true", [])
+                assert dm.wait_ended(p["pid"])["exit_code"] == 0
+        run_ok()  # our dirs are now idle in the pool
+        with NsDaemon() as other:
+            assert other.get("/api/v1/health").status == 200
+            run_ok()
+        run_ok()
