@@ -790,6 +790,14 @@ def peer_published(path_json, path_md):
     return out
 
 
+def paired(runs, value, floor):
+    """-> (median of the runs' value/floor, median floor) when every run has its paired floor
+    (measured right before it), else None."""
+    if not runs or not all(floor(x) for x in runs):
+        return None
+    return statistics.median(value(x) / floor(x) for x in runs), statistics.median(floor(x) for x in runs)
+
+
 def evaluate(res):
     """-> list of target dicts: name, value, limit, ratio, target text, pass (True/False/None)."""
     fl, dm = res.get("floor", {}), res.get("daemon", {})
@@ -806,10 +814,11 @@ def evaluate(res):
     r = p50 / ref if p50 is not None and ref else None
     # Paired: each repetition against the spawn floor measured right before it (median of the
     # per-repetition ratios); the client floor is the floor section's.
-    lr = dig(dm, "latency", "runs") or []
-    if lr and cl is not None and all(x.get("paired_spawn_p50_us") for x in lr):
-        r = statistics.median(x["latency"]["p50_us"] / (x["paired_spawn_p50_us"] + cl) for x in lr)
-        ref = statistics.median(x["paired_spawn_p50_us"] for x in lr) + cl
+    pr = paired(dig(dm, "latency", "runs"), lambda x: x["latency"]["p50_us"],
+                lambda x: x["paired_spawn_p50_us"] + cl if x.get("paired_spawn_p50_us") else None) \
+        if cl is not None else None
+    if pr:
+        r, ref = pr
     add("run_p50", "run /bin/true p50", p50, ref, r, f"≤ {T_RUN_P50} × (spawn + client floor)",
         None if r is None else (r <= T_RUN_P50 and not bad))
     cpu = med(dig(dm, "latency", "daemon_cpu_us_per_run"))
@@ -832,10 +841,9 @@ def evaluate(res):
             else:
                 all_complete = False
             r = v / prod if v is not None and prod else None
-            runs = dig(s, "runs") or []
-            if runs and all(x.get("paired_producer_mb_per_s") for x in runs):
-                r = statistics.median(x["mb_per_s"] / x["paired_producer_mb_per_s"] for x in runs)
-                prod = statistics.median(x["paired_producer_mb_per_s"] for x in runs)
+            pr = paired(dig(s, "runs"), lambda x: x["mb_per_s"], lambda x: x.get("paired_producer_mb_per_s"))
+            if pr:
+                r, prod = pr
             add(f"{kind}_{shape}", f"{kind} SSE, {SHAPE_LABEL[shape]}", v, prod, r,
                 f"≥ {T_STREAM[shape]} × producer, all bytes", None if r is None else (r >= T_STREAM[shape] and complete))
     add("complete", "every stdout byte delivered", sum(dig(dm, "stream", k, "complete_runs") or 0 for k in

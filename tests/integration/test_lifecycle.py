@@ -383,6 +383,13 @@ def test_shutdown_with_run_stream_open():
 
 
 class NsDaemon(Daemon):
+    """The daemon as PID 1 of a new PID namespace (unshare --pid --fork)."""
+
+    @staticmethod
+    def require():
+        if shutil.which("unshare") is None or os.geteuid() != 0:
+            raise harness.Skip("needs root and unshare(1) for a PID namespace")
+
     def cmdline(self):
         return ["unshare", "--pid", "--fork", "--kill-child"] + Daemon.cmdline(self)
 
@@ -398,8 +405,7 @@ class NsDaemon(Daemon):
 def test_pid1_in_a_pid_namespace_reaps_orphans():
     # As PID 1 of a container the daemon is every orphan's parent: it must reap them all.
     # unshare --pid --fork makes the daemon PID 1 of a new PID namespace.
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        raise harness.Skip("needs root and unshare(1) for a PID namespace")
+    NsDaemon.require()
     with NsDaemon() as dm:
         kids = harness.children_of(dm.pid)
         assert len(kids) == 1, kids
@@ -422,8 +428,7 @@ def test_daemon_in_another_pid_namespace_leaves_our_cgroups_alone():
     # A daemon in another PID namespace (a container's PID 1) sharing our cgroup parent cannot
     # see our pid; its start-up sweep of crashed daemons' sandboxd-<pid> dirs once removed our
     # idle pooled dirs, and every spawn after that failed (clone3 into a removed cgroup).
-    if shutil.which("unshare") is None or os.geteuid() != 0:
-        raise harness.Skip("needs root and unshare(1) for a PID namespace")
+    NsDaemon.require()
     with Daemon() as dm:
         def run_ok():
             for _ in range(3):
