@@ -194,17 +194,34 @@ class Proc:
             return False
 
 
+def system_cpu():
+    """-> (busy seconds of all CPUs, wall seconds) from /proc/stat's first line: busy is every
+    state but idle and iowait."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    hz = os.sysconf("SC_CLK_TCK")
+    return (sum(v) - v[3] - v[4]) / hz, time.monotonic()
+
+
 class CpuDelta:
     def __init__(self, proc):
         self.proc = proc
 
     def __enter__(self):
         self.c0 = self.proc.cpu() if self.proc else None
+        self.s0 = system_cpu()
         return self
 
     def __exit__(self, *exc):
         self.c1 = self.proc.cpu() if self.proc else None
+        self.s1 = system_cpu()
         return False
+
+    def cpus_busy(self):
+        """How many CPUs the whole machine kept busy in between (everyone: daemon, children,
+        client), from /proc/stat ticks."""
+        dt = self.s1[1] - self.s0[1]
+        return (self.s1[0] - self.s0[0]) / dt if dt > 0 else None
 
     def per(self, ops):
         """-> (daemon CPU µs per op [schedstat, else ticks], ticks-based µs per op, children µs per op)"""
@@ -353,10 +370,12 @@ class Bench:
             log(f"  {name}: " + ", ".join(f"{k} {fmt_s(out[name][k], 4 if k.endswith('_s') else 0)}" for k in keys))
 
         rep("spawn", lambda i: [pl, "spawn", str(c["spawn_n"]), self.path("spawn.samples")],
-            ["p50_us", "p90_us", "p99_us"])
+            ["p50_us", "p90_us", "p99_us", "parent_cpu_us", "children_cpu_us"])
         self.samples["spawn"] = read_samples(self.path("spawn.samples"))
-        rep("spawn_pipes", lambda i: [pl, "spawnpipe", str(c["spawn_n"] // 2)], ["p50_us", "p99_us"])
-        rep("spawnpar2", lambda i: [pl, "spawnpar", "2", str(c["spawnpar_s"])], ["per_s"])
+        rep("spawn_pipes", lambda i: [pl, "spawnpipe", str(c["spawn_n"] // 2)],
+            ["p50_us", "p99_us", "parent_cpu_us"])
+        rep("spawnpar2", lambda i: [pl, "spawnpar", "2", str(c["spawnpar_s"])],
+            ["per_s", "cpu_us_per_spawn", "cpus_busy"])
         nb = c["stream_mib"] * MIB
         for shape in SHAPES:
             rep(f"producer_{shape}", lambda i, s=shape: [pl, "producer", str(nb), producer_script(s, nb)],
@@ -364,6 +383,9 @@ class Bench:
             bad = [r for r in out[f"producer_{shape}"]["runs"] if not r["ok"]]
             if bad:
                 raise RuntimeError(f"producer {shape} wrote {bad[0]['bytes']} bytes, expected {nb}")
+            # the least a streaming daemon does: relay the pipe to a TCP socket, nothing more
+            rep(f"relay_{shape}", lambda i, s=shape: [pl, "relay", str(nb), producer_script(s, nb)],
+                ["mb_per_s", "relay_cpu_s", "sink_cpu_s", "producer_cpu_s"])
         rep("tcp", lambda i: [pl, "tcp", str(c["tcp_mib"])], ["mb_per_s"])
 
         # the client's own floor: the same request bytes against a trivial server
@@ -450,15 +472,19 @@ class Bench:
                 with CpuDelta(proc) as cd:
                     r = self.httpload("tput", d.t.port, req, "--conns", conns, "--duration", c["tput_s"],
                                       "--max-requests", 500000, "--expect", d.run_ok_marker, timeout=c["tput_s"] + 120)
-                r["daemon_cpu_us_per_run"], _, _ = cd.per(r["completed"])
+                r["daemon_cpu_us_per_run"], _, r["children_cpu_us_per_run"] = cd.per(r["completed"])
+                r["cpus_busy"] = cd.cpus_busy()
                 runs.append(r)
                 log(f"  throughput c{conns}: {r['per_s']}/s, bad {r['bad']}, conn errors {r['conn_errors']}, "
-                    f"p99 {r['latency']['p99_us']} µs, daemon CPU/run {fmt(r['daemon_cpu_us_per_run'])} µs")
+                    f"p99 {r['latency']['p99_us']} µs, daemon CPU/run {fmt(r['daemon_cpu_us_per_run'])} µs, "
+                    f"children {fmt(r['children_cpu_us_per_run'])} µs, CPUs busy {fmt(r['cpus_busy'], 2)}")
                 time.sleep(0.5)
             out[f"c{conns}"] = {"runs": runs, "per_s": summarize([r["per_s"] for r in runs]),
                                 "p50_us": summarize([r["latency"]["p50_us"] for r in runs]),
                                 "p99_us": summarize([r["latency"]["p99_us"] for r in runs]),
                                 "daemon_cpu_us_per_run": summarize([r["daemon_cpu_us_per_run"] for r in runs]),
+                                "children_cpu_us_per_run": summarize([r["children_cpu_us_per_run"] for r in runs]),
+                                "cpus_busy": summarize([r["cpus_busy"] for r in runs]),
                                 "bad": sum(r["bad"] + r["conn_errors"] + r["unfinished"] for r in runs)}
         return out
 
@@ -496,6 +522,7 @@ class Bench:
                     r.pop("meta", None)
                     r["paired_producer_mb_per_s"] = pf["mb_per_s"] if pf and pf.get("ok") else None
                     r["daemon_cpu_s"] = cd.per(1)[0] / 1e6 if proc else None
+                    r["cpus_busy"] = cd.cpus_busy()
                     if proc:
                         st = proc.status()
                         r["daemon_peak_rss_mib"] = st["VmHWM_kib"] / 1024 if peak_ok else None
@@ -518,6 +545,7 @@ class Bench:
                     "peak_rss_mib": summarize([r.get("daemon_peak_rss_mib") for r in runs]),
                     "peak_over_before_mib": summarize([r.get("daemon_peak_over_before_mib") for r in runs]),
                     "daemon_cpu_s": summarize([r["daemon_cpu_s"] for r in runs]),
+                    "cpus_busy": summarize([r["cpus_busy"] for r in runs]),
                     "paired_producer_mb_per_s": summarize([r["paired_producer_mb_per_s"] for r in runs])}
         return out
 
@@ -909,14 +937,26 @@ def build_table(res):
     row("**floor: the machine and the client**")
     row("posix_spawn+wait /bin/true, p50 µs", "", fmt_s(dig(fl, "spawn", "p50_us")), peer=fmt(pp.get("spawn_p50_us")))
     row("posix_spawn+wait /bin/true, p99 µs", "", fmt_s(dig(fl, "spawn", "p99_us")), peer=fmt(pp.get("spawn_p99_us")))
+    row("posix_spawn+wait, the spawner's own CPU µs per spawn (info)", "", fmt_s(dig(fl, "spawn", "parent_cpu_us"), 1))
     row("spawn + 2 pipes + setsid + read to EOF, p50 µs (info)", "", fmt_s(dig(fl, "spawn_pipes", "p50_us")))
+    row("spawn + 2 pipes + setsid + read to EOF, the spawner's CPU µs per run (info)", "",
+        fmt_s(dig(fl, "spawn_pipes", "parent_cpu_us"), 1))
     row("bare spawns/s, 2 workers", "", fmt_s(dig(fl, "spawnpar2", "per_s")), peer=fmt(pp.get("spawnpar2")))
+    row("bare spawns/s: CPU µs per spawn (workers + children), CPUs busy (info)", "",
+        f"{fmt_s(dig(fl, 'spawnpar2', 'cpu_us_per_spawn'))}, {fmt_s(dig(fl, 'spawnpar2', 'cpus_busy'), 2)}"
+        if dig(fl, "spawnpar2", "cpus_busy") else "–")
     for shape in SHAPES:
         row(f"producer alone, {SHAPE_LABEL[shape]}, MB/s", "", fmt_s(dig(fl, f"producer_{shape}", "mb_per_s")),
             peer=fmt(pp.get(f"producer_{shape}")))
         t = dig(fl, f"producer_{shape}", "ttfb_s")
         row(f"producer alone, {SHAPE_LABEL[shape]}, first byte ms", "",
             fmt_s({k: (v * 1e3 if k != "n" else v) for k, v in t.items()}, 2) if t else "–")
+    for shape in SHAPES:
+        rl, pr = dig(fl, f"relay_{shape}"), med(dig(fl, f"producer_{shape}", "mb_per_s"))
+        row(f"producer → bare relay → TCP sink, {SHAPE_LABEL[shape]}, MB/s (info)", "",
+            (f"{fmt_s(rl['mb_per_s'])}; CPU s: producer {fmt(med(rl['producer_cpu_s']), 2)}, relay "
+             f"{fmt(med(rl['relay_cpu_s']), 2)}, sink {fmt(med(rl['sink_cpu_s']), 2)}") if rl else "–",
+            (fmt(med(rl["mb_per_s"]) / pr, 2) + "× producer") if rl and pr else "")
     row("loopback TCP, 1 connection, MB/s", "", fmt_s(dig(fl, "tcp", "mb_per_s")), peer=fmt(pp.get("tcp")))
     row("client vs trivial server, p50 µs", "", fmt_s(dig(fl, "client", "p50_us"), 1),
         peer=fmt(pp.get("client_p50_us"), 1))
@@ -941,7 +981,9 @@ def build_table(res):
         peer=fmt(pp.get("lat_p99_us")), live_v=fmt_s(dig(L, "latency", "p99_us")))
     row("bad answers / reconnects (sequential)",
         f"{dig(dm, 'latency', 'bad')} / {dig(dm, 'latency', 'reconnects')}" if dig(dm, "latency") else "–")
-    row("daemon CPU µs per run (sequential)", fmt_s(dig(dm, "latency", "daemon_cpu_us_per_run"), 1), "",
+    pcpu = med(dig(fl, "spawn_pipes", "parent_cpu_us"))
+    row("daemon CPU µs per run (sequential)", fmt_s(dig(dm, "latency", "daemon_cpu_us_per_run"), 1),
+        f"{fmt(pcpu, 1)} (spawn + pipes, spawner's own)" if pcpu else "",
         *tgt("cpu"), fmt(pp.get("cpu_us")), fmt_s(dig(L, "latency", "daemon_cpu_us_per_run"), 1))
     row("children's CPU µs per run (info)", fmt_s(dig(dm, "latency", "children_cpu_us_per_run")))
     row("runs/s, 8 connections", fmt_s(dig(dm, "throughput", "c8", "per_s")),
@@ -957,6 +999,11 @@ def build_table(res):
             peer=fmt(pp.get(f"c{conns}_p99_us")), live_v=fmt_s(dig(L, "throughput", f"c{conns}", "p99_us")))
     row("daemon CPU µs per run, 8 connections", fmt_s(dig(dm, "throughput", "c8", "daemon_cpu_us_per_run"), 1),
         peer=fmt(pp.get("c8_cpu_us")))
+    row("children's CPU µs per run, CPUs busy (whole machine), 8 connections (info)",
+        f"{fmt_s(dig(dm, 'throughput', 'c8', 'children_cpu_us_per_run'))}, "
+        f"{fmt_s(dig(dm, 'throughput', 'c8', 'cpus_busy'), 2)}" if dig(dm, "throughput", "c8", "cpus_busy") else "–",
+        f"{fmt_s(dig(fl, 'spawnpar2', 'cpu_us_per_spawn'))}, {fmt_s(dig(fl, 'spawnpar2', 'cpus_busy'), 2)} "
+        "(bare spawns: all CPU per spawn, CPUs busy)" if dig(fl, "spawnpar2", "cpus_busy") else "")
     row("bad answers + connection errors under load",
         str((dig(dm, "throughput", "c8", "bad") or 0) + (dig(dm, "throughput", "c32", "bad") or 0))
         if dig(dm, "throughput") else "–")
@@ -976,6 +1023,9 @@ def build_table(res):
                                                   f"{fmt(pp.get(f'{k}_received_pct'), 1)} % received")
                  if pp.get(f"{k}_mb_per_s") is not None else ""),
                 fmt_s(dig(L, "stream", k, "mb_per_s")))
+    row("CPUs busy (whole machine) during the streams, run / follow (info)",
+        " / ".join(", ".join(fmt(med(dig(dm, "stream", f"{kind}_{shape}", "cpus_busy")), 2) for shape in SHAPES)
+                   for kind in ("run", "follow")) if dig(dm, "stream") else "–")
     row("every stdout byte delivered, checked", f"{T['complete']['value']}/{T['complete']['ref']} runs"
         if dig(dm, "stream") else "–", "", "", T["complete"]["target"], verdict(T["complete"]["pass"]))
     for kind, what in (("run", "run SSE"), ("follow", "follow")):

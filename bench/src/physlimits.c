@@ -13,6 +13,14 @@
  *   physlimits producer  BYTES 'cmd'   run `sh -c cmd`, read its stdout through a pipe as
  *                                      fast as possible: the producer's own rate, and its
  *                                      time to first byte
+ *   physlimits relay     BYTES 'cmd'   the producer's stdout relayed by this process (64 KiB
+ *                                      reads, as a daemon reads a capture pipe) to a loopback
+ *                                      TCP connection, read by a sink process that does
+ *                                      nothing else: the least any streaming daemon must do
+ *                                      (no framing, no log, no decoding client)
+ *
+ * spawn, spawnpipe and spawnpar also report CPU time (getrusage): the spawning process's own
+ * per operation, its children's, and for spawnpar how many CPUs the loop kept busy.
  *
  * Prints one JSON object.  Every loop is bounded by count or time.  Only 127.0.0.1.
  */
@@ -27,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -39,6 +48,15 @@ static uint64_t now_ns(void)
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* CPU seconds of this process (RUSAGE_SELF) or of its reaped children (RUSAGE_CHILDREN). */
+static double cpu_s(int who)
+{
+    struct rusage r;
+    getrusage(who, &r);
+    return (double)(r.ru_utime.tv_sec + r.ru_stime.tv_sec) +
+           (double)(r.ru_utime.tv_usec + r.ru_stime.tv_usec) / 1e6;
 }
 
 static int cmp_u64(const void *a, const void *b)
@@ -125,8 +143,11 @@ static void lat_test(const char *name, uint64_t (*op)(void), long n, const char 
     for (int i = 0; i < 50; i++)
         op();
     uint64_t *v = malloc((size_t)n * sizeof *v);
+    double self0 = cpu_s(RUSAGE_SELF), kids0 = cpu_s(RUSAGE_CHILDREN);
     for (long i = 0; i < n; i++)
         v[i] = op();
+    double self_us = (cpu_s(RUSAGE_SELF) - self0) * 1e6 / (double)n;
+    double kids_us = (cpu_s(RUSAGE_CHILDREN) - kids0) * 1e6 / (double)n;
     if (samples) {
         FILE *f = fopen(samples, "w");
         if (f) {
@@ -137,9 +158,9 @@ static void lat_test(const char *name, uint64_t (*op)(void), long n, const char 
     }
     qsort(v, (size_t)n, sizeof *v, cmp_u64);
     printf("{\"test\":\"%s\",\"n\":%ld,\"min_us\":%.1f,\"p50_us\":%.1f,\"p90_us\":%.1f,"
-           "\"p99_us\":%.1f,\"max_us\":%.1f}\n",
+           "\"p99_us\":%.1f,\"max_us\":%.1f,\"parent_cpu_us\":%.1f,\"children_cpu_us\":%.1f}\n",
            name, n, (double)v[0] / 1e3, pct(v, n, .5), pct(v, n, .9), pct(v, n, .99),
-           (double)v[n - 1] / 1e3);
+           (double)v[n - 1] / 1e3, self_us, kids_us);
     free(v);
 }
 
@@ -169,9 +190,10 @@ static void spawnpar_test(long workers, double secs)
     while (wait(NULL) > 0) {
     }
     double s = (double)(now_ns() - t0) / 1e9;
+    double cpu = cpu_s(RUSAGE_CHILDREN); /* the workers and every /bin/true they reaped */
     printf("{\"test\":\"posix_spawn_parallel\",\"workers\":%ld,\"seconds\":%.3f,\"spawns\":%ld,"
-           "\"per_s\":%.1f}\n",
-           workers, s, tot, (double)tot / s);
+           "\"per_s\":%.1f,\"cpu_us_per_spawn\":%.1f,\"cpus_busy\":%.2f}\n",
+           workers, s, tot, (double)tot / s, tot ? cpu * 1e6 / (double)tot : 0.0, cpu / s);
 }
 
 static void tcp_test(long mib)
@@ -255,10 +277,96 @@ static void producer_test(long long expected, const char *cmd)
            tot == expected ? "true" : "false");
 }
 
+static void relay_test(long long expected, const char *cmd)
+{
+    int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 1)) {
+        perror("bind");
+        exit(1);
+    }
+    socklen_t al = sizeof a;
+    getsockname(ls, (struct sockaddr *)&a, &al);
+    int rep[2]; /* the sink reports its byte count and CPU seconds */
+    if (pipe(rep))
+        exit(1);
+    pid_t sink = fork();
+    if (sink == 0) {
+        close(rep[0]);
+        int s = socket(AF_INET, SOCK_STREAM, 0);
+        if (connect(s, (struct sockaddr *)&a, sizeof a))
+            _exit(2);
+        size_t bs = 1 << 20;
+        char *b = malloc(bs);
+        long long got = 0;
+        ssize_t k;
+        while ((k = read(s, b, bs)) > 0)
+            got += k;
+        double c = cpu_s(RUSAGE_SELF);
+        if (write(rep[1], &got, sizeof got) != sizeof got || write(rep[1], &c, sizeof c) != sizeof c)
+            _exit(1);
+        _exit(0);
+    }
+    close(rep[1]);
+    int c = accept4(ls, NULL, NULL, SOCK_CLOEXEC);
+    if (c < 0) {
+        perror("accept");
+        exit(1);
+    }
+    int fd[2];
+    if (pipe2(fd, O_CLOEXEC))
+        exit(1);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, fd[1], 1);
+    char *argv[] = {"sh", "-c", (char *)cmd, NULL};
+    pid_t p;
+    double self0 = cpu_s(RUSAGE_SELF), kids0 = cpu_s(RUSAGE_CHILDREN);
+    uint64_t t0 = now_ns();
+    if (posix_spawn(&p, "/bin/sh", &fa, NULL, argv, environ)) {
+        perror("spawn");
+        exit(1);
+    }
+    close(fd[1]);
+    size_t bs = 64 << 10;
+    char *b = malloc(bs);
+    long long tot = 0;
+    ssize_t k;
+    while ((k = read(fd[0], b, bs)) > 0) {
+        tot += k;
+        for (char *q = b; k > 0;) {
+            ssize_t w = write(c, q, (size_t)k);
+            if (w <= 0) {
+                perror("write");
+                exit(1);
+            }
+            q += w;
+            k -= w;
+        }
+    }
+    close(c);
+    long long got = 0;
+    double sink_cpu = 0;
+    if (read(rep[0], &got, sizeof got) != sizeof got || read(rep[0], &sink_cpu, sizeof sink_cpu) <= 0)
+        got = -1;
+    uint64_t t1 = now_ns();
+    double relay_cpu = cpu_s(RUSAGE_SELF) - self0;
+    int st;
+    waitpid(p, &st, 0);
+    double prod_cpu = cpu_s(RUSAGE_CHILDREN) - kids0;
+    waitpid(sink, &st, 0);
+    double s = (double)(t1 - t0) / 1e9;
+    printf("{\"test\":\"relay\",\"bytes\":%lld,\"expected\":%lld,\"seconds\":%.4f,\"mb_per_s\":%.1f,"
+           "\"relay_cpu_s\":%.4f,\"sink_cpu_s\":%.4f,\"producer_cpu_s\":%.4f,\"ok\":%s}\n",
+           got, expected, s, (double)got / s / 1e6, relay_cpu, sink_cpu, prod_cpu,
+           got == expected && tot == expected ? "true" : "false");
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 3) {
-        fprintf(stderr, "usage: physlimits spawn|spawnpipe|spawnpar|tcp|producer ARGS (see source)\n");
+        fprintf(stderr, "usage: physlimits spawn|spawnpipe|spawnpar|tcp|producer|relay ARGS (see source)\n");
         return 2;
     }
     const char *t = argv[1];
@@ -274,6 +382,8 @@ int main(int argc, char **argv)
         tcp_test(a > 0 ? a : 1024);
     else if (!strcmp(t, "producer") && argc > 3)
         producer_test(atoll(argv[2]), argv[3]);
+    else if (!strcmp(t, "relay") && argc > 3)
+        relay_test(atoll(argv[2]), argv[3]);
     else {
         fprintf(stderr, "unknown test\n");
         return 2;

@@ -1042,7 +1042,7 @@ class Daemon:
     def rss_kb(self):
         return rss_kb(self.pid)
 
-    def warm_up(self, n=24):
+    def warm_up(self, n=48):
         """Brings the daemon to its steady state before an fd baseline is taken: n processes
         at once (fills any bounded pool of spare per-process resources, e.g. cgroups), a run
         and a follow. Returns the settled fd count."""

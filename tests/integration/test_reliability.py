@@ -544,7 +544,7 @@ def test_req15_no_fd_leaks():
     # scaled: 200 short runs, 100 run streams and 100 follows cut mid-flight, 100 start
     # failures, 100 started-and-ended processes (not 10k/1k/1k).
     # The baseline is taken after a warm-up: a bounded pool of spare per-process resources
-    # (the daemon keeps up to 16 spare cgroups, 4 fds each) is not a leak; growth past it is.
+    # (the daemon keeps up to 40 spare cgroups, 5 fds each) is not a leak; growth past it is.
     with Daemon() as dm:
         base = dm.warm_up()
         for _ in range(200):
