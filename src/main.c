@@ -3,7 +3,6 @@
  * serving is in server/ + http/, the API in api/, processes in proc/.
  */
 #include <errno.h>
-#include <getopt.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdio.h>
@@ -88,9 +87,11 @@ static int parse_listen(const char *s, char *host, size_t hostlen, int *port)
         return -EINVAL;
     memcpy(host, s, hl);
     host[hl] = '\0';
-    char *end;
-    long p = strtol(colon + 1, &end, 10);
-    if (*end != '\0' || end == colon + 1 || p < 0 || p > 65535)
+    long p = 0;
+    const char *d = colon + 1;
+    for (; *d >= '0' && *d <= '9' && p <= 65535; d++)
+        p = p * 10 + (*d - '0');
+    if (*d != '\0' || d == colon + 1 || p > 65535)
         return -EINVAL;
     *port = (int)p;
     return 0;
@@ -132,19 +133,49 @@ static void on_walk_close(uv_handle_t *h, void *arg)
         uv_close(h, NULL);
 }
 
+/* The long options, "--name VALUE" or "--name=VALUE". Parsed here rather than by
+ * getopt_long: that is the one caller of a page range of libc an idle daemon otherwise never
+ * maps (docs/decisions.md, "idle RSS"). */
+static const struct {
+    const char *name;
+    char key;
+    bool has_arg;
+} opts[] = {
+    {"listen", 'l', true},          {"token", 't', true},
+    {"state-dir", 's', true},       {"max-output", 'm', true},
+    {"max-total-output", 'M', true}, {"max-records", 'r', true},
+    {"verbose", 'v', false},        {"help", 'h', false},
+};
+
+/* -> the key of argv[*i] (advanced past its value), 0 at the end, '?' for a bad one. */
+static int next_opt(int argc, char **argv, int *i, const char **val)
+{
+    if (++*i >= argc)
+        return 0;
+    const char *a = argv[*i];
+    if (strncmp(a, "--", 2) != 0 || a[2] == '\0')
+        return '?';
+    a += 2;
+    const char *eq = strchr(a, '=');
+    size_t len = eq != NULL ? (size_t)(eq - a) : strlen(a);
+    for (size_t k = 0; k < sizeof(opts) / sizeof(opts[0]); k++) {
+        if (strlen(opts[k].name) != len || strncmp(opts[k].name, a, len) != 0)
+            continue;
+        if (!opts[k].has_arg)
+            return eq == NULL ? opts[k].key : '?';
+        if (eq != NULL)
+            *val = eq + 1;
+        else if (*i + 1 < argc)
+            *val = argv[++*i];
+        else
+            return '?';
+        return opts[k].key;
+    }
+    return '?';
+}
+
 int main(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"listen", required_argument, NULL, 'l'},
-        {"token", required_argument, NULL, 't'},
-        {"state-dir", required_argument, NULL, 's'},
-        {"max-output", required_argument, NULL, 'm'},
-        {"max-total-output", required_argument, NULL, 'M'},
-        {"max-records", required_argument, NULL, 'r'},
-        {"verbose", no_argument, NULL, 'v'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
     const char *listen = "127.0.0.1:9501";
     const char *token = getenv("SANDBOXD_TOKEN");
     const char *state_dir = getenv("SANDBOXD_STATE_DIR");
@@ -159,36 +190,36 @@ int main(int argc, char **argv)
         .use_cgroups = true,
     };
     char host[256];
-    int port, c, rc;
+    const char *val = NULL;
+    int port, c, rc, argi = 0;
 
-    while ((c = getopt_long(argc, argv, "", opts, NULL)) != -1) {
+    while ((c = next_opt(argc, argv, &argi, &val)) != 0) {
         switch (c) {
-        case 'l': listen = optarg; break;
-        case 't': token = optarg; break;
-        case 's': state_dir = optarg; break;
+        case 'l': listen = val; break;
+        case 't': token = val; break;
+        case 's': state_dir = val; break;
         case 'm':
-            if (parse_size(optarg, &pcfg.max_output_bytes) < 0)
-                fatalx("bad --max-output: %s", optarg);
+            if (parse_size(val, &pcfg.max_output_bytes) < 0)
+                fatalx("bad --max-output: %s", val);
             break;
         case 'M':
-            if (parse_size(optarg, &pcfg.max_total_output_bytes) < 0)
-                fatalx("bad --max-total-output: %s", optarg);
+            if (parse_size(val, &pcfg.max_total_output_bytes) < 0)
+                fatalx("bad --max-total-output: %s", val);
             break;
         case 'r': {
             uint64_t v;
-            if (parse_size(optarg, &v) < 0 || v < 1 || v > 1000000)
-                fatalx("bad --max-records: %s (1 to 1000000)", optarg);
+            if (parse_size(val, &v) < 0 || v < 1 || v > 1000000)
+                fatalx("bad --max-records: %s (1 to 1000000)", val);
             pcfg.max_records = (uint32_t)v;
             break;
         }
         case 'v': log_verbose = 1; break;
         case 'h': usage(stdout); return 0;
-        default: usage(stderr); return 2;
+        default:
+            fprintf(stderr, "sandboxd: unknown or incomplete option: %s\n", argv[argi]);
+            usage(stderr);
+            return 2;
         }
-    }
-    if (optind != argc) {
-        usage(stderr);
-        return 2;
     }
     if (token != NULL && token[0] == '\0')
         token = NULL;
@@ -222,7 +253,9 @@ int main(int argc, char **argv)
     if (geteuid() == 0) {
         int fd = open("/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
         if (fd >= 0) {
-            if (write(fd, "-500", 4) < 0)
+            /* strerror only when it is printed: its table is a page range of libc that an
+             * idle daemon otherwise never maps (docs/decisions.md, "idle RSS"). */
+            if (write(fd, "-500", 4) < 0 && log_verbose)
                 log_debug("oom_score_adj: %s", strerror(errno));
             close(fd);
         }

@@ -324,6 +324,31 @@ def test_cli_unknown_option():
     assert r.stderr.strip(), "no message on stderr for an unknown option"
 
 
+def test_cli_option_forms_and_bad_values():
+    # "--name VALUE" and "--name=VALUE" both work; a missing value, a stray argument, a value
+    # given to a flag and a bad port are refused with exit 2 and a message, never a listener.
+    tmp = tempfile.mkdtemp(prefix="sbx-cli-")
+    try:
+        p = subprocess.Popen([harness.DAEMON_PATH, "--listen=127.0.0.1:0", "--state-dir=" + tmp],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            line = p.stdout.readline()
+            assert re.fullmatch(rb"listening on 127\.0\.0\.1:\d+\n", line), line
+        finally:
+            p.terminate()
+            p.communicate(timeout=10)
+        assert p.returncode == 0, p.returncode
+        for argv in (["--listen"], ["--state-dir", tmp, "stray"], ["--verbose=1"],
+                     ["--listen", "127.0.0.1:65536"], ["--listen", "127.0.0.1:"],
+                     ["--listen", "127.0.0.1:80x"], ["--"]):
+            r = subprocess.run([harness.DAEMON_PATH, *argv], capture_output=True, timeout=10)
+            assert r.returncode == 2, (argv, r.returncode, r.stderr[-300:])
+            assert b"listening on" not in r.stdout, (argv, r.stdout)
+            assert r.stderr.strip(), "no message for %r" % (argv,)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def test_cli_listening_line_exactly_once():
     with Daemon() as dm:
         assert re.fullmatch(r"listening on 127\.0\.0\.1:\d+", dm.listen_line), dm.listen_line
