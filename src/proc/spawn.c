@@ -31,6 +31,9 @@
 #ifndef SYS_close_range
 #define SYS_close_range 436
 #endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
 
 #define CHILD_OOM_SCORE_ADJ "500"
 
@@ -385,8 +388,12 @@ CHILD_FN static int child_main(void *arg)
         if (syscall(SYS_dup3, a->fd[i], i, 0) < 0)
             child_fail(a, CHILD_DUP);
     /* Everything of the daemon's is O_CLOEXEC already; this also catches fds opened
-     * without it by libraries. ENOSYS on old kernels is fine for that reason. */
-    syscall(SYS_close_range, 3U, ~0U, 0U);
+     * without it by libraries. Only marked here: execve closes them after it has released the
+     * daemon (vfork), whereas closing them now kept the daemon waiting 4 µs with 20 fds open
+     * and 21-62 µs with 230-640 (pooled cgroup dirs keep 5 each). Kernels before 5.11 lack the
+     * flag: close them now. ENOSYS on older ones is fine for the reason above. */
+    if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+        syscall(SYS_close_range, 3U, ~0U, 0U);
 
     if (a->set_user) {
         if (syscall(SYS_setgroups, a->ngroups, a->groups) < 0)
