@@ -376,6 +376,8 @@ class Bench:
             ["p50_us", "p99_us", "parent_cpu_us"])
         rep("spawnpar2", lambda i: [pl, "spawnpar", "2", str(c["spawnpar_s"])],
             ["per_s", "cpu_us_per_spawn", "cpus_busy"])
+        rep("spawnpar2_pipes", lambda i: [pl, "spawnparpipe", "2", str(c["spawnpar_s"])],
+            ["per_s", "cpu_us_per_spawn", "cpus_busy"])
         nb = c["stream_mib"] * MIB
         for shape in SHAPES:
             rep(f"producer_{shape}", lambda i, s=shape: [pl, "producer", str(nb), producer_script(s, nb)],
@@ -961,6 +963,11 @@ def build_table(res):
     row("bare spawns/s: CPU µs per spawn (workers + children), CPUs busy (info)", "",
         f"{fmt_s(dig(fl, 'spawnpar2', 'cpu_us_per_spawn'))}, {fmt_s(dig(fl, 'spawnpar2', 'cpus_busy'), 2)}"
         if dig(fl, "spawnpar2", "cpus_busy") else "–")
+    spp, sp2 = med(dig(fl, "spawnpar2_pipes", "per_s")), med(dig(fl, "spawnpar2", "per_s"))
+    row("spawns/s with 2 pipes + setsid + read to EOF, 2 workers (info)", "",
+        f"{fmt_s(dig(fl, 'spawnpar2_pipes', 'per_s'))}; CPU µs per spawn "
+        f"{fmt_s(dig(fl, 'spawnpar2_pipes', 'cpu_us_per_spawn'))}" if spp else "–",
+        (fmt(spp / sp2, 2) + "× bare") if spp and sp2 else "")
     for shape in SHAPES:
         row(f"producer alone, {SHAPE_LABEL[shape]}, MB/s", "", fmt_s(dig(fl, f"producer_{shape}", "mb_per_s")),
             peer=fmt(pp.get(f"producer_{shape}")))

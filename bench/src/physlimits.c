@@ -9,6 +9,7 @@
  *                                      to EOF (informative; not a target's floor)
  *   physlimits spawnpar  W S           W worker processes posix_spawn+wait /bin/true in a
  *                                      loop for S seconds: bare spawns/s
+ *   physlimits spawnparpipe W S        the same with spawnpipe's plumbing (informative)
  *   physlimits tcp       MIB           one loopback TCP connection, child writes MIB
  *   physlimits producer  BYTES 'cmd'   run `sh -c cmd`, read its stdout through a pipe as
  *                                      fast as possible: the producer's own rate, and its
@@ -164,8 +165,9 @@ static void lat_test(const char *name, uint64_t (*op)(void), long n, const char 
     free(v);
 }
 
-/* W workers each posix_spawn+wait /bin/true in a loop for S seconds */
-static void spawnpar_test(long workers, double secs)
+/* W workers each posix_spawn+wait /bin/true in a loop for S seconds (pipes: with the
+ * plumbing of one_spawn_pipes) */
+static void spawnpar_test(long workers, double secs, int pipes)
 {
     int fd[2];
     if (pipe(fd))
@@ -175,7 +177,10 @@ static void spawnpar_test(long workers, double secs)
         if (fork() == 0) {
             long n = 0;
             while (now_ns() < end) {
-                one_spawn();
+                if (pipes)
+                    one_spawn_pipes();
+                else
+                    one_spawn();
                 n++;
             }
             if (write(fd[1], &n, sizeof n) != sizeof n)
@@ -191,9 +196,10 @@ static void spawnpar_test(long workers, double secs)
     }
     double s = (double)(now_ns() - t0) / 1e9;
     double cpu = cpu_s(RUSAGE_CHILDREN); /* the workers and every /bin/true they reaped */
-    printf("{\"test\":\"posix_spawn_parallel\",\"workers\":%ld,\"seconds\":%.3f,\"spawns\":%ld,"
+    printf("{\"test\":\"posix_spawn_parallel%s\",\"workers\":%ld,\"seconds\":%.3f,\"spawns\":%ld,"
            "\"per_s\":%.1f,\"cpu_us_per_spawn\":%.1f,\"cpus_busy\":%.2f}\n",
-           workers, s, tot, (double)tot / s, tot ? cpu * 1e6 / (double)tot : 0.0, cpu / s);
+           pipes ? "_pipes" : "", workers, s, tot, (double)tot / s, tot ? cpu * 1e6 / (double)tot : 0.0,
+           cpu / s);
 }
 
 static void tcp_test(long mib)
@@ -377,7 +383,9 @@ int main(int argc, char **argv)
         lat_test("posix_spawn_pipes_setsid_wait", one_spawn_pipes, a > 0 ? a : 2000,
                  argc > 3 ? argv[3] : NULL);
     else if (!strcmp(t, "spawnpar") && argc > 3)
-        spawnpar_test(a > 0 ? a : 2, atof(argv[3]));
+        spawnpar_test(a > 0 ? a : 2, atof(argv[3]), 0);
+    else if (!strcmp(t, "spawnparpipe") && argc > 3)
+        spawnpar_test(a > 0 ? a : 2, atof(argv[3]), 1);
     else if (!strcmp(t, "tcp"))
         tcp_test(a > 0 ? a : 1024);
     else if (!strcmp(t, "producer") && argc > 3)
