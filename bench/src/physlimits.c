@@ -202,17 +202,46 @@ static void spawnpar_test(long workers, double secs, int pipes)
            cpu / s);
 }
 
-static void tcp_test(long mib)
+/* A listening socket on 127.0.0.1 with a free port; *a gets its address. */
+static int loopback_listener(struct sockaddr_in *a)
 {
-    int ls = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-    if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 1)) {
+    int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    *a = (struct sockaddr_in){.sin_family = AF_INET, .sin_port = 0};
+    inet_pton(AF_INET, "127.0.0.1", &a->sin_addr);
+    if (bind(ls, (struct sockaddr *)a, sizeof *a) || listen(ls, 1)) {
         perror("bind");
         exit(1);
     }
-    socklen_t al = sizeof a;
-    getsockname(ls, (struct sockaddr *)&a, &al);
+    socklen_t al = sizeof *a;
+    getsockname(ls, (struct sockaddr *)a, &al);
+    return ls;
+}
+
+/* `sh -c cmd` with its stdout into a pipe; *rfd gets the read end. */
+static pid_t spawn_producer(const char *cmd, int *rfd)
+{
+    int fd[2];
+    if (pipe2(fd, O_CLOEXEC))
+        exit(1);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, fd[1], 1);
+    char *argv[] = {"sh", "-c", (char *)cmd, NULL};
+    pid_t p;
+    if (posix_spawn(&p, "/bin/sh", &fa, NULL, argv, environ)) {
+        perror("spawn");
+        exit(1);
+    }
+    posix_spawn_file_actions_destroy(&fa);
+    close(fd[1]);
+    *rfd = fd[0];
+    return p;
+}
+
+static void tcp_test(long mib)
+{
+    struct sockaddr_in a;
+    int ls = loopback_listener(&a);
     pid_t p = fork();
     if (p == 0) {
         int s = socket(AF_INET, SOCK_STREAM, 0);
@@ -248,27 +277,14 @@ static void tcp_test(long mib)
 
 static void producer_test(long long expected, const char *cmd)
 {
-    int fd[2];
-    if (pipe(fd))
-        exit(1);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, fd[1], 1);
-    posix_spawn_file_actions_addclose(&fa, fd[0]);
-    posix_spawn_file_actions_addclose(&fa, fd[1]);
-    char *argv[] = {"sh", "-c", (char *)cmd, NULL};
-    pid_t p;
+    int rfd;
     uint64_t t0 = now_ns(), tfirst = 0;
-    if (posix_spawn(&p, "/bin/sh", &fa, NULL, argv, environ)) {
-        perror("spawn");
-        exit(1);
-    }
-    close(fd[1]);
+    pid_t p = spawn_producer(cmd, &rfd);
     size_t bs = 1 << 20;
     char *b = malloc(bs);
     long long tot = 0;
     ssize_t k;
-    while ((k = read(fd[0], b, bs)) > 0) {
+    while ((k = read(rfd, b, bs)) > 0) {
         if (!tfirst)
             tfirst = now_ns();
         tot += k;
@@ -285,15 +301,8 @@ static void producer_test(long long expected, const char *cmd)
 
 static void relay_test(long long expected, const char *cmd)
 {
-    int ls = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
-    if (bind(ls, (struct sockaddr *)&a, sizeof a) || listen(ls, 1)) {
-        perror("bind");
-        exit(1);
-    }
-    socklen_t al = sizeof a;
-    getsockname(ls, (struct sockaddr *)&a, &al);
+    struct sockaddr_in a;
+    int ls = loopback_listener(&a);
     int rep[2]; /* the sink reports its byte count and CPU seconds */
     if (pipe(rep))
         exit(1);
@@ -320,26 +329,15 @@ static void relay_test(long long expected, const char *cmd)
         perror("accept");
         exit(1);
     }
-    int fd[2];
-    if (pipe2(fd, O_CLOEXEC))
-        exit(1);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, fd[1], 1);
-    char *argv[] = {"sh", "-c", (char *)cmd, NULL};
-    pid_t p;
+    int rfd;
     double self0 = cpu_s(RUSAGE_SELF), kids0 = cpu_s(RUSAGE_CHILDREN);
     uint64_t t0 = now_ns();
-    if (posix_spawn(&p, "/bin/sh", &fa, NULL, argv, environ)) {
-        perror("spawn");
-        exit(1);
-    }
-    close(fd[1]);
+    pid_t p = spawn_producer(cmd, &rfd);
     size_t bs = 64 << 10;
     char *b = malloc(bs);
     long long tot = 0;
     ssize_t k;
-    while ((k = read(fd[0], b, bs)) > 0) {
+    while ((k = read(rfd, b, bs)) > 0) {
         tot += k;
         for (char *q = b; k > 0;) {
             ssize_t w = write(c, q, (size_t)k);
