@@ -487,6 +487,7 @@ static struct proc_cg *cg_create(struct proc_table *t)
         c->mem = xasprintf("%s/c%llu", g->mem_base, (unsigned long long)n);
         if (mkdir(c->mem, 0755) < 0 && errno != EEXIST)
             goto fail;
+        c->mem_clean = c->mem != c->v2;
     }
     open_fds(t, c);
     return c;
@@ -678,8 +679,9 @@ static bool remove_empty(struct proc_table *t, struct proc_cg *c)
 {
     struct proc_cgroups *g = &t->cg;
     if (!c->limited && !c->killed && g->npool < POOL_MAX && !t->shutting_down && !t->freeing &&
-        !proc__cg_oom(t, c)) {
+        (c->mem_clean || !proc__cg_oom(t, c))) {
         detach(c);
+        c->mem_clean = c->mem != NULL && c->mem != c->v2;
         list_insert_tail(&g->pool, &c->link);
         g->npool++;
         return true;

@@ -50,6 +50,9 @@ struct proc_cg {
                          * into it with CLONE_INTO_CGROUP afterwards is SIGKILLed by the
                          * kernel (its kill sequence check; seen on 6.18) */
     bool hot;           /* holds the fds below (kernfs opens cost more than the reads) */
+    bool mem_clean;     /* hybrid: no process has joined the v1 memory dir since its OOM
+                         * count was last read as 0 (or it was made), so pooling it again
+                         * needs no read: most runs end before their 20 ms memory join */
     int fd_procs[2];    /* cgroup.procs of v2 and of the v1 memory dir (O_WRONLY), or -1 */
     int fd_events;      /* v2 cgroup.events, or -1 */
     int fd_oom;         /* memory.oom_control (v1) / memory.events (v2), or -1 */
@@ -139,7 +142,7 @@ int proc__spec_copy(const struct proc_spec *in, struct proc_run_spec *out, char 
                     size_t errlen);
 void proc__spec_free(struct proc_run_spec *s);
 /* Moves pid into cg's v1 memory cgroup off the loop (a threadpool job with its own fd). */
-void proc__memjoin_start(struct proc_table *t, const struct proc_cg *cg, pid_t pid);
+void proc__memjoin_start(struct proc_table *t, struct proc_cg *cg, pid_t pid);
 /* Starts one run. On failure nothing is left behind (the failed child is reaped). */
 int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc_child *ret,
                 char *err, size_t errlen);

@@ -519,9 +519,10 @@ static void memjoin_done(uv_work_t *w, int status)
     free(m);
 }
 
-void proc__memjoin_start(struct proc_table *t, const struct proc_cg *cg, pid_t pid)
+void proc__memjoin_start(struct proc_table *t, struct proc_cg *cg, pid_t pid)
 {
     int fds[2], fd = -1;
+    cg->mem_clean = false;
     if (proc__cg_procs_fds(cg, fds) < 0)
         return;
     if (fds[1] >= 0)
@@ -628,6 +629,8 @@ int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc
     a.fd[2] = errp[1] >= 0 ? errp[1] : t->devnull;
     a.cg_fd[0] = cg_fd[0];
     a.cg_fd[1] = memjoin ? -1 : cg_fd[1]; /* else a threadpool job joins it */
+    if (a.cg_fd[1] >= 0)
+        cg->mem_clean = false;
     a.set_user = s->set_user;
     a.uid = s->uid;
     a.gid = s->gid;

@@ -462,13 +462,15 @@ describe("stop, kill, timeout", () => {
   test("stop: a tree that ignores SIGTERM gets SIGKILL after the grace period; status stopped", T, async () => {
     const name = uname("stubborn");
     const r = await exec({
-      command: "sh -c 'trap \"\" TERM; sleep 1000' & echo child=$!; trap 'echo got-term' TERM; echo ready; while :; do sleep 0.1; done",
+      command: "sh -c 'trap \"\" TERM; echo armed; sleep 1000' & echo child=$!; trap 'echo got-term' TERM; echo ready; while :; do sleep 0.1; done",
       name,
     });
+    // Both shells have set their traps ("ready" alone raced the background shell's start:
+    // a SIGTERM before its trap killed it, about one run in eight).
     const logs = await waitFor(async () => {
       const l = await bp.logs(name, "stdout");
-      return l.includes("ready") ? l : null;
-    }, { what: "ready" });
+      return l.includes("ready") && l.includes("armed") ? l : null;
+    }, { what: "ready and armed" });
     const child = Number(/child=(\d+)/.exec(logs)[1]);
     assert.ok(isAlive(child) && isAlive(Number(r.pid)));
 
