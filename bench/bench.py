@@ -385,9 +385,21 @@ class Bench:
             bad = [r for r in out[f"producer_{shape}"]["runs"] if not r["ok"]]
             if bad:
                 raise RuntimeError(f"producer {shape} wrote {bad[0]['bytes']} bytes, expected {nb}")
-            # the least a streaming daemon does: relay the pipe to a TCP socket, nothing more
-            rep(f"relay_{shape}", lambda i, s=shape: [pl, "relay", str(nb), producer_script(s, nb)],
-                ["mb_per_s", "relay_cpu_s", "sink_cpu_s", "producer_cpu_s"])
+            # The least a streaming daemon does: relay the pipe to a TCP socket, nothing more.
+            # Each relay run is paired with a producer-alone run made right before it (the VM's
+            # speed drifts); its ratio is the median of the pairs' ratios.
+            pairs = []
+            for i in range(reps):
+                pr = run_json([pl, "producer", str(nb), producer_script(shape, nb)], timeout=300)
+                rl = run_json([pl, "relay", str(nb), producer_script(shape, nb)], timeout=300)
+                rl["paired_producer_mb_per_s"] = pr["mb_per_s"]
+                pairs.append(rl)
+            out[f"relay_{shape}"] = {"runs": pairs, **{k: summarize([r[k] for r in pairs]) for k in
+                                                      ("mb_per_s", "relay_cpu_s", "sink_cpu_s", "producer_cpu_s")},
+                                     "ratio": summarize([r["mb_per_s"] / r["paired_producer_mb_per_s"]
+                                                         for r in pairs if r["paired_producer_mb_per_s"]])}
+            log(f"  relay_{shape}: mb_per_s {fmt_s(out[f'relay_{shape}']['mb_per_s'])}, "
+                f"x producer {fmt_s(out[f'relay_{shape}']['ratio'], 2)}")
         rep("tcp", lambda i: [pl, "tcp", str(c["tcp_mib"])], ["mb_per_s"])
 
         # the client's own floor: the same request bytes against a trivial server
@@ -975,11 +987,11 @@ def build_table(res):
         row(f"producer alone, {SHAPE_LABEL[shape]}, first byte ms", "",
             fmt_s({k: (v * 1e3 if k != "n" else v) for k, v in t.items()}, 2) if t else "–")
     for shape in SHAPES:
-        rl, pr = dig(fl, f"relay_{shape}"), med(dig(fl, f"producer_{shape}", "mb_per_s"))
+        rl = dig(fl, f"relay_{shape}")
         row(f"producer → bare relay → TCP sink, {SHAPE_LABEL[shape]}, MB/s (info)", "",
             (f"{fmt_s(rl['mb_per_s'])}; CPU s: producer {fmt(med(rl['producer_cpu_s']), 2)}, relay "
              f"{fmt(med(rl['relay_cpu_s']), 2)}, sink {fmt(med(rl['sink_cpu_s']), 2)}") if rl else "–",
-            (fmt(med(rl["mb_per_s"]) / pr, 2) + "× producer") if rl and pr else "")
+            (fmt_s(rl["ratio"], 2) + "× producer (paired)") if rl and rl.get("ratio") else "")
     row("loopback TCP, 1 connection, MB/s", "", fmt_s(dig(fl, "tcp", "mb_per_s")), peer=fmt(pp.get("tcp")))
     row("client vs trivial server, p50 µs", "", fmt_s(dig(fl, "client", "p50_us"), 1),
         peer=fmt(pp.get("client_p50_us"), 1))
