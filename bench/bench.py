@@ -434,6 +434,26 @@ class Bench:
                 out[f"client_sse_{shape}"] = {"runs": runs, "mb_per_s": summarize([r["mb_per_s"] for r in runs]),
                                               "complete_runs": sum(bool(r["complete"]) for r in runs)}
                 log(f"  client SSE decode ceiling {shape}: {fmt_s(out[f'client_sse_{shape}']['mb_per_s'])} MB/s")
+                # The wire format's floor: the producer's lines relayed as SSE events by a
+                # minimal server (no log) to the same decoding client; each run paired with a
+                # producer-alone run right before it.
+                rreq = self.reqfile(f"floor-relay-{shape}", t.raw_request("GET", f"/relay/{L}/{nb}",
+                                                                           accept="text/event-stream"))
+                runs = []
+                for _ in range(reps):
+                    pr = run_json([pl, "producer", str(nb), producer_script(shape, nb)], timeout=300)
+                    r = self.httpload("stream", port, rreq, "--mode", "sse-line", "--expect-bytes", nb,
+                                      "--line-len", L, "--idle-timeout", 5, "--timeout", 120, timeout=180)
+                    r.pop("meta", None)
+                    r["paired_producer_mb_per_s"] = pr["mb_per_s"]
+                    runs.append(r)
+                out[f"sserelay_{shape}"] = {
+                    "runs": runs, "mb_per_s": summarize([r["mb_per_s"] for r in runs]),
+                    "complete_runs": sum(bool(r["complete"]) for r in runs),
+                    "ratio": summarize([r["mb_per_s"] / r["paired_producer_mb_per_s"] for r in runs
+                                        if r["complete"] and r["paired_producer_mb_per_s"]])}
+                log(f"  SSE relay floor {shape}: {fmt_s(out[f'sserelay_{shape}']['mb_per_s'])} MB/s, "
+                    f"x producer {fmt_s(out[f'sserelay_{shape}']['ratio'], 2)}")
         finally:
             srv.terminate()
             srv.wait(10)
@@ -991,6 +1011,11 @@ def build_table(res):
         row(f"producer → bare relay → TCP sink, {SHAPE_LABEL[shape]}, MB/s (info)", "",
             (f"{fmt_s(rl['mb_per_s'])}; CPU s: producer {fmt(med(rl['producer_cpu_s']), 2)}, relay "
              f"{fmt(med(rl['relay_cpu_s']), 2)}, sink {fmt(med(rl['sink_cpu_s']), 2)}") if rl else "–",
+            (fmt_s(rl["ratio"], 2) + "× producer (paired)") if rl and rl.get("ratio") else "")
+    for shape in SHAPES:
+        rl = dig(fl, f"sserelay_{shape}")
+        row(f"producer → minimal SSE relay (no log) → decoding client, {SHAPE_LABEL[shape]}, MB/s (info)", "",
+            (f"{fmt_s(rl['mb_per_s'])}, {rl['complete_runs']}/{len(rl['runs'])} complete") if rl else "–",
             (fmt_s(rl["ratio"], 2) + "× producer (paired)") if rl and rl.get("ratio") else "")
     row("loopback TCP, 1 connection, MB/s", "", fmt_s(dig(fl, "tcp", "mb_per_s")), peer=fmt(pp.get("tcp")))
     row("client vs trivial server, p50 µs", "", fmt_s(dig(fl, "client", "p50_us"), 1),

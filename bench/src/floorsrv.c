@@ -10,6 +10,11 @@
  * - GET /sse/LINELEN/BYTES: a forked child streams BYTES of stdout as sandboxd's SSE line
  *   events (LINELEN-1 'a' per line, newline stripped), chunked, then the exit event, as
  *   fast as the socket takes it: the client's own SSE decoding ceiling.
+ * - GET /relay/LINELEN/BYTES: a forked child runs the bench's producer (`yes <LINELEN-1 a> |
+ *   head -c BYTES` under sh), reads its pipe in 64 KiB reads, cuts the lines and sends each
+ *   as the same SSE event, chunked, then the exit event: the least a daemon speaking this
+ *   wire format does (no log, no escaping check, one fixed timestamp, no records). With the
+ *   decoding client it is the floor of the whole stream path.
  *
  * Listens on 127.0.0.1 only.  Exits on SIGTERM/SIGINT.
  */
@@ -25,7 +30,9 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
+#include <spawn.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 typedef struct {
@@ -130,6 +137,105 @@ static void sse_stream(int fd, long linelen, long long bytes)
     _exit(0);
 }
 
+static const char sse_pre[] = "data: {\"line\":\"";
+static const char sse_post[] = "\",\"timestamp\":1700000000000,\"stream\":\"stdout\"}\n\n";
+
+/* Appends one line's event to *out (room for it is the caller's). */
+static char *put_event(char *out, const char *line, size_t n)
+{
+    memcpy(out, sse_pre, sizeof sse_pre - 1);
+    out += sizeof sse_pre - 1;
+    memcpy(out, line, n);
+    out += n;
+    memcpy(out, sse_post, sizeof sse_post - 1);
+    return out + sizeof sse_post - 1;
+}
+
+/* Sends out[0..n) as one chunk; the chunk header goes into the 16 bytes before out. */
+static int put_chunk(int fd, char *out, size_t n)
+{
+    char h[16];
+    int hl = snprintf(h, sizeof h, "%zx\r\n", n);
+    memcpy(out - hl, h, (size_t)hl);
+    memcpy(out + n, "\r\n", 2);
+    return write_all(fd, out - hl, (size_t)hl + n + 2);
+}
+
+/* child: run the producer and relay its lines as SSE events; then exit */
+static void sse_relay(int fd, long linelen, long long bytes)
+{
+    fcntl(fd, F_SETFL, 0);
+    static const char hdr[] = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                              "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
+    if (linelen < 1 || linelen > (1 << 20) || write_all(fd, hdr, sizeof hdr - 1))
+        _exit(1);
+    char *cmd = malloc((size_t)linelen + 64);
+    memcpy(cmd, "yes ", 4); /* its "Broken pipe" at the end goes nowhere: */
+    memset(cmd + 4, 'a', (size_t)linelen - 1);
+    sprintf(cmd + 4 + linelen - 1, " 2>/dev/null | head -c %lld", bytes);
+    int pfd[2];
+    if (pipe2(pfd, O_CLOEXEC))
+        _exit(1);
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, pfd[1], 1);
+    char *argv[] = {"sh", "-c", cmd, NULL};
+    extern char **environ;
+    pid_t p;
+    if (posix_spawn(&p, "/bin/sh", &fa, NULL, argv, environ))
+        _exit(1);
+    close(pfd[1]);
+    /* in: 64 KiB reads after the carried-over partial line; out: a batch of events */
+    size_t incap = (size_t)linelen + (64 << 10), outcap = (256 << 10) + 2 * (size_t)linelen + 256;
+    char *in = malloc(incap), *outbuf = malloc(outcap + 32), *out = outbuf + 16;
+    size_t have = 0, olen = 0;
+    for (;;) {
+        ssize_t k = read(pfd[0], in + have, incap - have);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            break;
+        have += (size_t)k;
+        char *p0 = in, *end = in + have, *nl;
+        while ((nl = memchr(p0, '\n', (size_t)(end - p0))) != NULL) {
+            char *o = put_event(out + olen, p0, (size_t)(nl - p0));
+            olen = (size_t)(o - out);
+            p0 = nl + 1;
+            if (olen >= (256 << 10)) {
+                if (put_chunk(fd, out, olen))
+                    _exit(1);
+                olen = 0;
+            }
+        }
+        have = (size_t)(end - p0);
+        memmove(in, p0, have);
+        if (have == incap) { /* a line longer than the buffer: not in this bench */
+            _exit(1);
+        }
+        if (olen > 0) { /* what this read brought goes out now, like a daemon's loop turn */
+            if (put_chunk(fd, out, olen))
+                _exit(1);
+            olen = 0;
+        }
+    }
+    if (have > 0) {
+        olen = (size_t)(put_event(out, in, have) - out);
+        if (put_chunk(fd, out, olen))
+            _exit(1);
+    }
+    int st;
+    waitpid(p, &st, 0);
+    static const char end[] = "data: {\"exit_code\":0,\"signal\":null,\"oom_killed\":false}\n\n";
+    char tail[256];
+    int tl = snprintf(tail, sizeof tail, "%zx\r\n%s\r\n0\r\n\r\n", sizeof end - 1, end);
+    write_all(fd, tail, (size_t)tl);
+    shutdown(fd, SHUT_WR);
+    char sink[4096];
+    for (int i = 0; i < 100 && read(fd, sink, sizeof sink) > 0; i++) {
+    }
+    _exit(0);
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2) {
@@ -186,10 +292,15 @@ int main(int argc, char **argv)
             while ((rl = req_len(c->buf, c->len))) {
                 long linelen;
                 long long bytes;
-                if (sscanf(c->buf, "GET /sse/%ld/%lld ", &linelen, &bytes) == 2) {
+                int relay = 0;
+                if (sscanf(c->buf, "GET /sse/%ld/%lld ", &linelen, &bytes) == 2 ||
+                    (relay = sscanf(c->buf, "GET /relay/%ld/%lld ", &linelen, &bytes) == 2)) {
                     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
                     if (fork() == 0) {
                         close(ls);
+                        signal(SIGCHLD, SIG_DFL); /* the relay waits for its producer */
+                        if (relay)
+                            sse_relay(c->fd, linelen, bytes);
                         sse_stream(c->fd, linelen, bytes);
                     }
                     close(c->fd);
