@@ -80,6 +80,20 @@ static int write_all(int fd, const char *p, size_t n)
     return 0;
 }
 
+/* child: the exit event, the last chunk, a short drain of the client; then exit */
+static void __attribute__((noreturn)) sse_finish(int fd)
+{
+    static const char end[] = "data: {\"exit_code\":0,\"signal\":null,\"oom_killed\":false}\n\n";
+    char tail[256];
+    int tl = snprintf(tail, sizeof tail, "%zx\r\n%s\r\n0\r\n\r\n", sizeof end - 1, end);
+    write_all(fd, tail, (size_t)tl);
+    shutdown(fd, SHUT_WR);
+    char sink[4096];
+    for (int i = 0; i < 100 && read(fd, sink, sizeof sink) > 0; i++) {
+    }
+    _exit(0);
+}
+
 /* child: stream BYTES of lines of LINELEN as SSE events, chunked; then exit */
 static void sse_stream(int fd, long linelen, long long bytes)
 {
@@ -126,15 +140,7 @@ static void sse_stream(int fd, long linelen, long long bytes)
         if (write_all(fd, batch, (size_t)h + pl + (size_t)post + 2))
             _exit(1);
     }
-    static const char end[] = "data: {\"exit_code\":0,\"signal\":null,\"oom_killed\":false}\n\n";
-    char tail[256];
-    int tl = snprintf(tail, sizeof tail, "%zx\r\n%s\r\n0\r\n\r\n", sizeof end - 1, end);
-    write_all(fd, tail, (size_t)tl);
-    shutdown(fd, SHUT_WR);
-    char sink[4096];
-    for (int i = 0; i < 100 && read(fd, sink, sizeof sink) > 0; i++) {
-    }
-    _exit(0);
+    sse_finish(fd);
 }
 
 static const char sse_pre[] = "data: {\"line\":\"";
@@ -225,15 +231,7 @@ static void sse_relay(int fd, long linelen, long long bytes)
     }
     int st;
     waitpid(p, &st, 0);
-    static const char end[] = "data: {\"exit_code\":0,\"signal\":null,\"oom_killed\":false}\n\n";
-    char tail[256];
-    int tl = snprintf(tail, sizeof tail, "%zx\r\n%s\r\n0\r\n\r\n", sizeof end - 1, end);
-    write_all(fd, tail, (size_t)tl);
-    shutdown(fd, SHUT_WR);
-    char sink[4096];
-    for (int i = 0; i < 100 && read(fd, sink, sizeof sink) > 0; i++) {
-    }
-    _exit(0);
+    sse_finish(fd);
 }
 
 int main(int argc, char **argv)
