@@ -33,8 +33,9 @@
 
 #include "proc/proc_internal.h"
 
-#define POOL_MAX 40     /* spare dirs kept: at 32 concurrent runs, 16 made every third spawn mkdir/rmdir its pair */
-#define HOT_MAX 128     /* dirs that keep 4 fds open each */
+#define POOL_MAX 40     /* spare dirs kept (with 16, 32 concurrent runs made every third spawn
+                         * mkdir and rmdir its pair) */
+#define HOT_MAX 128     /* dirs that keep 5 fds open each */
 #define POOL_PREFILL 2
 #define RETRY_MIN_MS 10
 #define RETRY_MAX_MS 1000
