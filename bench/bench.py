@@ -369,6 +369,19 @@ class Bench:
             out[name] = {"runs": runs, **{k: summarize([r[k] for r in runs]) for k in keys}}
             log(f"  {name}: " + ", ".join(f"{k} {fmt_s(out[name][k], 4 if k.endswith('_s') else 0)}" for k in keys))
 
+        def paired_runs(measure, shape):
+            """reps runs of measure(), each right after a producer-alone run of its own (the VM's
+            speed drifts): -> (runs, summary of the pairs' rate ratios)."""
+            runs = []
+            for _ in range(reps):
+                pr = run_json([pl, "producer", str(nb), producer_script(shape, nb)], timeout=300)
+                r = measure()
+                r.pop("meta", None)
+                r["paired_producer_mb_per_s"] = pr["mb_per_s"]
+                runs.append(r)
+            return runs, summarize([r["mb_per_s"] / r["paired_producer_mb_per_s"] for r in runs
+                                    if r.get("complete", r.get("ok")) and r["paired_producer_mb_per_s"]])
+
         rep("spawn", lambda i: [pl, "spawn", str(c["spawn_n"]), self.path("spawn.samples")],
             ["p50_us", "p90_us", "p99_us", "parent_cpu_us", "children_cpu_us"])
         self.samples["spawn"] = read_samples(self.path("spawn.samples"))
@@ -386,18 +399,11 @@ class Bench:
             if bad:
                 raise RuntimeError(f"producer {shape} wrote {bad[0]['bytes']} bytes, expected {nb}")
             # The least a streaming daemon does: relay the pipe to a TCP socket, nothing more.
-            # Each relay run is paired with a producer-alone run made right before it (the VM's
-            # speed drifts); its ratio is the median of the pairs' ratios.
-            pairs = []
-            for i in range(reps):
-                pr = run_json([pl, "producer", str(nb), producer_script(shape, nb)], timeout=300)
-                rl = run_json([pl, "relay", str(nb), producer_script(shape, nb)], timeout=300)
-                rl["paired_producer_mb_per_s"] = pr["mb_per_s"]
-                pairs.append(rl)
+            pairs, ratio = paired_runs(
+                lambda s=shape: run_json([pl, "relay", str(nb), producer_script(s, nb)], timeout=300), shape)
             out[f"relay_{shape}"] = {"runs": pairs, **{k: summarize([r[k] for r in pairs]) for k in
                                                       ("mb_per_s", "relay_cpu_s", "sink_cpu_s", "producer_cpu_s")},
-                                     "ratio": summarize([r["mb_per_s"] / r["paired_producer_mb_per_s"]
-                                                         for r in pairs if r["paired_producer_mb_per_s"]])}
+                                     "ratio": ratio}
             log(f"  relay_{shape}: mb_per_s {fmt_s(out[f'relay_{shape}']['mb_per_s'])}, "
                 f"x producer {fmt_s(out[f'relay_{shape}']['ratio'], 2)}")
         rep("tcp", lambda i: [pl, "tcp", str(c["tcp_mib"])], ["mb_per_s"])
@@ -435,23 +441,16 @@ class Bench:
                                               "complete_runs": sum(bool(r["complete"]) for r in runs)}
                 log(f"  client SSE decode ceiling {shape}: {fmt_s(out[f'client_sse_{shape}']['mb_per_s'])} MB/s")
                 # The wire format's floor: the producer's lines relayed as SSE events by a
-                # minimal server (no log) to the same decoding client; each run paired with a
-                # producer-alone run right before it.
+                # minimal server (no log) to the same decoding client.
                 rreq = self.reqfile(f"floor-relay-{shape}", t.raw_request("GET", f"/relay/{L}/{nb}",
                                                                            accept="text/event-stream"))
-                runs = []
-                for _ in range(reps):
-                    pr = run_json([pl, "producer", str(nb), producer_script(shape, nb)], timeout=300)
-                    r = self.httpload("stream", port, rreq, "--mode", "sse-line", "--expect-bytes", nb,
-                                      "--line-len", L, "--idle-timeout", 5, "--timeout", 120, timeout=180)
-                    r.pop("meta", None)
-                    r["paired_producer_mb_per_s"] = pr["mb_per_s"]
-                    runs.append(r)
+                runs, ratio = paired_runs(
+                    lambda L=L: self.httpload("stream", port, rreq, "--mode", "sse-line", "--expect-bytes", nb,
+                                              "--line-len", L, "--idle-timeout", 5, "--timeout", 120, timeout=180),
+                    shape)
                 out[f"sserelay_{shape}"] = {
                     "runs": runs, "mb_per_s": summarize([r["mb_per_s"] for r in runs]),
-                    "complete_runs": sum(bool(r["complete"]) for r in runs),
-                    "ratio": summarize([r["mb_per_s"] / r["paired_producer_mb_per_s"] for r in runs
-                                        if r["complete"] and r["paired_producer_mb_per_s"]])}
+                    "complete_runs": sum(bool(r["complete"]) for r in runs), "ratio": ratio}
                 log(f"  SSE relay floor {shape}: {fmt_s(out[f'sserelay_{shape}']['mb_per_s'])} MB/s, "
                     f"x producer {fmt_s(out[f'sserelay_{shape}']['ratio'], 2)}")
         finally:
@@ -992,9 +991,9 @@ def build_table(res):
     row("spawn + 2 pipes + setsid + read to EOF, the spawner's CPU µs per run (info)", "",
         fmt_s(dig(fl, "spawn_pipes", "parent_cpu_us"), 1))
     row("bare spawns/s, 2 workers", "", fmt_s(dig(fl, "spawnpar2", "per_s")), peer=fmt(pp.get("spawnpar2")))
-    row("bare spawns/s: CPU µs per spawn (workers + children), CPUs busy (info)", "",
-        f"{fmt_s(dig(fl, 'spawnpar2', 'cpu_us_per_spawn'))}, {fmt_s(dig(fl, 'spawnpar2', 'cpus_busy'), 2)}"
-        if dig(fl, "spawnpar2", "cpus_busy") else "–")
+    bare_cpu = (f"{fmt_s(dig(fl, 'spawnpar2', 'cpu_us_per_spawn'))}, {fmt_s(dig(fl, 'spawnpar2', 'cpus_busy'), 2)}"
+                if dig(fl, "spawnpar2", "cpus_busy") else "")
+    row("bare spawns/s: CPU µs per spawn (workers + children), CPUs busy (info)", "", bare_cpu or "–")
     spp, sp2 = med(dig(fl, "spawnpar2_pipes", "per_s")), med(dig(fl, "spawnpar2", "per_s"))
     row("spawns/s with 2 pipes + setsid + read to EOF, 2 workers (info)", "",
         f"{fmt_s(dig(fl, 'spawnpar2_pipes', 'per_s'))}; CPU µs per spawn "
@@ -1062,8 +1061,7 @@ def build_table(res):
     row("children's CPU µs per run, CPUs busy (whole machine), 8 connections (info)",
         f"{fmt_s(dig(dm, 'throughput', 'c8', 'children_cpu_us_per_run'))}, "
         f"{fmt_s(dig(dm, 'throughput', 'c8', 'cpus_busy'), 2)}" if dig(dm, "throughput", "c8", "cpus_busy") else "–",
-        f"{fmt_s(dig(fl, 'spawnpar2', 'cpu_us_per_spawn'))}, {fmt_s(dig(fl, 'spawnpar2', 'cpus_busy'), 2)} "
-        "(bare spawns: all CPU per spawn, CPUs busy)" if dig(fl, "spawnpar2", "cpus_busy") else "")
+        bare_cpu + " (bare spawns: all CPU per spawn, CPUs busy)" if bare_cpu else "")
     row("bad answers + connection errors under load",
         str((dig(dm, "throughput", "c8", "bad") or 0) + (dig(dm, "throughput", "c32", "bad") or 0))
         if dig(dm, "throughput") else "–")
