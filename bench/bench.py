@@ -453,9 +453,59 @@ class Bench:
                     "complete_runs": sum(bool(r["complete"]) for r in runs), "ratio": ratio}
                 log(f"  SSE relay floor {shape}: {fmt_s(out[f'sserelay_{shape}']['mb_per_s'])} MB/s, "
                     f"x producer {fmt_s(out[f'sserelay_{shape}']['ratio'], 2)}")
+                # ... and keeping every byte it read in a file, as a daemon that keeps all
+                # output with bounded memory must.
+                kreq = self.reqfile(f"floor-relaylog-{shape}", t.raw_request("GET", f"/relaylog/{L}/{nb}",
+                                                                              accept="text/event-stream"))
+                runs, ratio = paired_runs(
+                    lambda L=L: self.httpload("stream", port, kreq, "--mode", "sse-line", "--expect-bytes", nb,
+                                              "--line-len", L, "--idle-timeout", 5, "--timeout", 120, timeout=180),
+                    shape)
+                out[f"sserelaylog_{shape}"] = {
+                    "runs": runs, "mb_per_s": summarize([r["mb_per_s"] for r in runs]),
+                    "ttfb_ms": summarize([r["ttfb_s"] * 1e3 for r in runs if r.get("ttfb_s") is not None]),
+                    "complete_runs": sum(bool(r["complete"]) for r in runs), "ratio": ratio}
+                log(f"  SSE relay keeping the log {shape}: {fmt_s(out[f'sserelaylog_{shape}']['mb_per_s'])} MB/s, "
+                    f"x producer {fmt_s(out[f'sserelaylog_{shape}']['ratio'], 2)}")
         finally:
             srv.terminate()
             srv.wait(10)
+        out["runfloor"] = self.run_floor(out["client"])
+        return out
+
+    def run_floor(self, client):
+        """The floor of the run workloads: /bin/true with the plumbing behind HTTP (`floorsrv
+        PORT spawn`: a process per connection, no JSON, no records, no cgroup), sequential and
+        at 8 connections, each repetition paired with the bare floor measured right before it."""
+        c, reps, pl = self.cfg, self.cfg["reps"], os.path.join(BIN, "physlimits")
+        cl50 = med(client["p50_us"])
+        port = free_port()
+        srv = subprocess.Popen([os.path.join(BIN, "floorsrv"), str(port), "spawn"], stdin=subprocess.DEVNULL)
+        out = {"lat": [], "c8": []}
+        try:
+            self._wait_port(port, 5)
+            req = self.reqfile("floor-run", TensorlakeDialect(Target("127.0.0.1", port)).run_request("/bin/true", []))
+            for _ in range(reps):
+                sp = run_json([pl, "spawn", str(c["spawn_n"] // 2)], timeout=300)
+                r = self.httpload("lat", port, req, "--n", c["lat_n"], "--warmup", c["warmup"], "--expect",
+                                  TensorlakeDialect.run_ok_marker, timeout=300)
+                out["lat"].append({"p50_us": r["latency"]["p50_us"], "bad": r["bad"],
+                                   "paired_spawn_p50_us": sp["p50_us"]})
+                par = run_json([pl, "spawnpar", "2", str(c["spawnpar_s"])], timeout=300)
+                r = self.httpload("tput", port, req, "--conns", 8, "--duration", c["spawnpar_s"], "--expect",
+                                  TensorlakeDialect.run_ok_marker, timeout=120)
+                out["c8"].append({"per_s": r["per_s"], "bad": r["bad"] + r["conn_errors"],
+                                  "paired_spawnpar2_per_s": par["per_s"]})
+        finally:
+            srv.terminate()
+            srv.wait(10)
+        out["p50_us"] = summarize([x["p50_us"] for x in out["lat"]])
+        out["p50_ratio"] = summarize([x["p50_us"] / (x["paired_spawn_p50_us"] + cl50) for x in out["lat"]])
+        out["c8_per_s"] = summarize([x["per_s"] for x in out["c8"]])
+        out["c8_ratio"] = summarize([x["per_s"] / x["paired_spawnpar2_per_s"] for x in out["c8"]])
+        out["bad"] = sum(x["bad"] for x in out["lat"] + out["c8"])
+        log(f"  HTTP run floor: p50 {fmt_s(out['p50_us'])} µs = {fmt_s(out['p50_ratio'], 2)} x (spawn + client); "
+            f"c8 {fmt_s(out['c8_per_s'])}/s = {fmt_s(out['c8_ratio'], 2)} x bare spawns/s; bad {out['bad']}")
         return out
 
     @staticmethod
@@ -999,6 +1049,12 @@ def build_table(res):
         f"{fmt_s(dig(fl, 'spawnpar2_pipes', 'per_s'))}; CPU µs per spawn "
         f"{fmt_s(dig(fl, 'spawnpar2_pipes', 'cpu_us_per_spawn'))}" if spp else "–",
         (fmt(spp / sp2, 2) + "× bare") if spp and sp2 else "")
+    rf = dig(fl, "runfloor")
+    row("HTTP run floor: the same behind HTTP (a process per connection, no JSON, no records), "
+        "sequential p50 µs (info)", "", fmt_s(rf["p50_us"]) if rf else "–",
+        (fmt_s(rf["p50_ratio"], 2) + "× (spawn + client), paired") if rf else "")
+    row("HTTP run floor, runs/s at 8 connections (info)", "", fmt_s(rf["c8_per_s"]) if rf else "–",
+        (fmt_s(rf["c8_ratio"], 2) + "× bare spawns/s, paired") if rf else "")
     for shape in SHAPES:
         row(f"producer alone, {SHAPE_LABEL[shape]}, MB/s", "", fmt_s(dig(fl, f"producer_{shape}", "mb_per_s")),
             peer=fmt(pp.get(f"producer_{shape}")))
@@ -1015,6 +1071,13 @@ def build_table(res):
         rl = dig(fl, f"sserelay_{shape}")
         row(f"producer → minimal SSE relay (no log) → decoding client, {SHAPE_LABEL[shape]}, MB/s (info)", "",
             (f"{fmt_s(rl['mb_per_s'])}, {rl['complete_runs']}/{len(rl['runs'])} complete") if rl else "–",
+            (fmt_s(rl["ratio"], 2) + "× producer (paired)") if rl and rl.get("ratio") else "")
+    for shape in SHAPES:
+        rl = dig(fl, f"sserelaylog_{shape}")
+        row(f"producer → SSE relay keeping every byte in a file → decoding client, {SHAPE_LABEL[shape]}, "
+            f"MB/s; first byte ms (info)", "",
+            (f"{fmt_s(rl['mb_per_s'])}, {rl['complete_runs']}/{len(rl['runs'])} complete; "
+             f"{fmt_s(rl['ttfb_ms'], 2)}") if rl else "–",
             (fmt_s(rl["ratio"], 2) + "× producer (paired)") if rl and rl.get("ratio") else "")
     row("loopback TCP, 1 connection, MB/s", "", fmt_s(dig(fl, "tcp", "mb_per_s")), peer=fmt(pp.get("tcp")))
     row("client vs trivial server, p50 µs", "", fmt_s(dig(fl, "client", "p50_us"), 1),

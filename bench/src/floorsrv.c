@@ -15,8 +15,22 @@
  *   as the same SSE event, chunked, then the exit event: the least a daemon speaking this
  *   wire format does (no log, no escaping check, one fixed timestamp, no records). With the
  *   decoding client it is the floor of the whole stream path.
+ * - GET /relaylog/LINELEN/BYTES: the same relay, which also keeps every byte it read: each
+ *   read is written to an unlinked file in $TMPDIR (or /tmp) before its events go out. A
+ *   daemon that keeps all output with bounded memory copies every byte to a file at least
+ *   once; this is that copy and nothing else (no records, no writeback control).
  *
- * Listens on 127.0.0.1 only.  Exits on SIGTERM/SIGINT.
+ *
+ *   floorsrv PORT spawn
+ *
+ * - The run floor: every request other than the two streams above runs /bin/true with the
+ *   plumbing any process daemon does (plumbing.h: 2 pipes, setsid, read to EOF, reap) and
+ *   answers with the run-shaped response carrying its real pid and exit code. Each
+ *   connection is served by its own forked process, one request at a time: as many runs in
+ *   flight as connections, and no loop ever waits for another connection's spawn. No JSON,
+ *   no records, no cgroup.
+ *
+ * Listens on 127.0.0.1 only.  Exits on SIGTERM/SIGINT (workers follow their parent).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -30,10 +44,12 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/epoll.h>
-#include <spawn.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
+
+#include "plumbing.h"
 
 typedef struct {
     int fd;
@@ -46,6 +62,7 @@ static const char run_body[] =
     "data: {\"exit_code\":0,\"signal\":null,\"oom_killed\":false}\n\n";
 static char resp[1024];
 static size_t resplen;
+static int spawn_mode;
 
 /* length of one complete request at the start of b, or 0 */
 static size_t req_len(const char *b, size_t n)
@@ -78,6 +95,47 @@ static int write_all(int fd, const char *p, size_t n)
         n -= (size_t)k;
     }
     return 0;
+}
+
+/* The run floor's answer: /bin/true run with the plumbing, its pid and exit code. */
+static int answer_spawned(int fd)
+{
+    pid_t pid;
+    int st = run_true_plumbed(&pid);
+    char body[256], out[512];
+    int bl = snprintf(body, sizeof body,
+                      "data: {\"handle\":1,\"pid\":%d,\"started_at\":1700000000000}\n\n"
+                      "data: {\"exit_code\":%d,\"signal\":null,\"oom_killed\":false}\n\n",
+                      (int)pid, WIFEXITED(st) ? WEXITSTATUS(st) : -1);
+    int ol = snprintf(out, sizeof out,
+                      "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                      "Cache-Control: no-cache\r\nContent-Length: %d\r\n\r\n%s", bl, body);
+    return write_all(fd, out, (size_t)ol);
+}
+
+/* A connection's own process (spawn mode): its requests, one at a time; exits at EOF. */
+static void __attribute__((noreturn)) serve_spawning(int fd)
+{
+    static char buf[65536];
+    size_t len = 0, rl;
+    prctl(PR_SET_PDEATHSIG, SIGTERM);
+    fcntl(fd, F_SETFL, 0);
+    for (;;) {
+        ssize_t k = read(fd, buf + len, sizeof buf - len);
+        if (k < 0 && errno == EINTR)
+            continue;
+        if (k <= 0)
+            _exit(0);
+        len += (size_t)k;
+        while ((rl = req_len(buf, len))) {
+            if (answer_spawned(fd))
+                _exit(0);
+            memmove(buf, buf + rl, len - rl);
+            len -= rl;
+        }
+        if (len == sizeof buf)
+            _exit(1);
+    }
 }
 
 /* child: the exit event, the last chunk, a short drain of the client; then exit */
@@ -168,8 +226,15 @@ static int put_chunk(int fd, char *out, size_t n)
 }
 
 /* child: run the producer and relay its lines as SSE events; then exit */
-static void sse_relay(int fd, long linelen, long long bytes)
+static void sse_relay(int fd, long linelen, long long bytes, int keep)
 {
+    int logfd = -1;
+    if (keep) {
+        const char *dir = getenv("TMPDIR");
+        logfd = open(dir && *dir ? dir : "/tmp", O_TMPFILE | O_WRONLY | O_CLOEXEC, 0600);
+        if (logfd < 0)
+            _exit(1);
+    }
     fcntl(fd, F_SETFL, 0);
     static const char hdr[] = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
                               "Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n";
@@ -179,28 +244,20 @@ static void sse_relay(int fd, long linelen, long long bytes)
     memcpy(cmd, "yes ", 4); /* its "Broken pipe" at the end goes nowhere: */
     memset(cmd + 4, 'a', (size_t)linelen - 1);
     sprintf(cmd + 4 + linelen - 1, " 2>/dev/null | head -c %lld", bytes);
-    int pfd[2];
-    if (pipe2(pfd, O_CLOEXEC))
-        _exit(1);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, pfd[1], 1);
-    char *argv[] = {"sh", "-c", cmd, NULL};
-    extern char **environ;
-    pid_t p;
-    if (posix_spawn(&p, "/bin/sh", &fa, NULL, argv, environ))
-        _exit(1);
-    close(pfd[1]);
+    int rfd;
+    pid_t p = spawn_producer(cmd, &rfd);
     /* in: 64 KiB reads after the carried-over partial line; out: a batch of events */
     size_t incap = (size_t)linelen + (64 << 10), outcap = (256 << 10) + 2 * (size_t)linelen + 256;
     char *in = malloc(incap), *outbuf = malloc(outcap + 32), *out = outbuf + 16;
     size_t have = 0, olen = 0;
     for (;;) {
-        ssize_t k = read(pfd[0], in + have, incap - have);
+        ssize_t k = read(rfd, in + have, incap - have);
         if (k < 0 && errno == EINTR)
             continue;
         if (k <= 0)
             break;
+        if (logfd >= 0 && write_all(logfd, in + have, (size_t)k))
+            _exit(1);
         have += (size_t)k;
         char *p0 = in, *end = in + have, *nl;
         while ((nl = memchr(p0, '\n', (size_t)(end - p0))) != NULL) {
@@ -236,11 +293,14 @@ static void sse_relay(int fd, long linelen, long long bytes)
 
 int main(int argc, char **argv)
 {
-    if (argc < 2) {
-        fprintf(stderr, "usage: floorsrv PORT\n");
+    if (argc < 2 || (argc > 2 && (argc != 3 || strcmp(argv[2], "spawn")))) {
+        fprintf(stderr, "usage: floorsrv PORT [spawn]\n");
         return 2;
     }
-    signal(SIGCHLD, SIG_IGN);
+    spawn_mode = argc == 3;
+    /* Stream children are never waited for; in spawn mode each run reaps its own child,
+     * and the loop reaps the connections' and streams' processes. */
+    signal(SIGCHLD, spawn_mode ? SIG_DFL : SIG_IGN);
     signal(SIGPIPE, SIG_IGN);
     resplen = (size_t)snprintf(resp, sizeof resp,
                                "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -265,12 +325,24 @@ int main(int argc, char **argv)
             continue;
         if (n < 0)
             break;
+        if (spawn_mode)
+            while (waitpid(-1, NULL, WNOHANG) > 0) {
+            }
         for (int i = 0; i < n; i++) {
             cl_t *c = evs[i].data.ptr;
             if (!c) {
                 int fd;
                 while ((fd = accept4(ls, NULL, NULL, SOCK_NONBLOCK)) >= 0) {
                     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                    if (spawn_mode) {
+                        if (fork() == 0) {
+                            close(ls);
+                            close(ep);
+                            serve_spawning(fd);
+                        }
+                        close(fd);
+                        continue;
+                    }
                     cl_t *nc = calloc(1, sizeof *nc);
                     nc->fd = fd;
                     struct epoll_event e2 = {.events = EPOLLIN, .data.ptr = nc};
@@ -290,15 +362,16 @@ int main(int argc, char **argv)
             while ((rl = req_len(c->buf, c->len))) {
                 long linelen;
                 long long bytes;
-                int relay = 0;
+                int relay = 0, keep = 0;
                 if (sscanf(c->buf, "GET /sse/%ld/%lld ", &linelen, &bytes) == 2 ||
-                    (relay = sscanf(c->buf, "GET /relay/%ld/%lld ", &linelen, &bytes) == 2)) {
+                    (relay = sscanf(c->buf, "GET /relay/%ld/%lld ", &linelen, &bytes) == 2) ||
+                    (relay = keep = sscanf(c->buf, "GET /relaylog/%ld/%lld ", &linelen, &bytes) == 2)) {
                     epoll_ctl(ep, EPOLL_CTL_DEL, c->fd, NULL);
                     if (fork() == 0) {
                         close(ls);
                         signal(SIGCHLD, SIG_DFL); /* the relay waits for its producer */
                         if (relay)
-                            sse_relay(c->fd, linelen, bytes);
+                            sse_relay(c->fd, linelen, bytes, keep);
                         sse_stream(c->fd, linelen, bytes);
                     }
                     close(c->fd);

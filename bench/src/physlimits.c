@@ -42,7 +42,8 @@
 #include <time.h>
 #include <unistd.h>
 
-extern char **environ;
+#include "plumbing.h"
+
 
 static uint64_t now_ns(void)
 {
@@ -87,55 +88,11 @@ static uint64_t one_spawn(void)
     return now_ns() - t0;
 }
 
-/* What a daemon does at minimum per run: two pipes, a new session, read both to EOF. */
+/* What a daemon does at minimum per run (plumbing.h). */
 static uint64_t one_spawn_pipes(void)
 {
     uint64_t t0 = now_ns();
-    int o[2], e[2];
-    if (pipe2(o, O_CLOEXEC) || pipe2(e, O_CLOEXEC)) {
-        perror("pipe2");
-        exit(1);
-    }
-    posix_spawn_file_actions_t fa;
-    posix_spawnattr_t at;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 0, "/dev/null", O_RDONLY, 0);
-    posix_spawn_file_actions_adddup2(&fa, o[1], 1);
-    posix_spawn_file_actions_adddup2(&fa, e[1], 2);
-    posix_spawnattr_init(&at);
-#ifdef POSIX_SPAWN_SETSID
-    posix_spawnattr_setflags(&at, POSIX_SPAWN_SETSID);
-#endif
-    pid_t p;
-    if (posix_spawn(&p, "/bin/true", &fa, &at, true_argv, environ)) {
-        perror("posix_spawn");
-        exit(1);
-    }
-    posix_spawn_file_actions_destroy(&fa);
-    posix_spawnattr_destroy(&at);
-    close(o[1]);
-    close(e[1]);
-    struct pollfd pf[2] = {{.fd = o[0], .events = POLLIN}, {.fd = e[0], .events = POLLIN}};
-    int open_fds = 2;
-    char buf[4096];
-    for (int guard = 0; open_fds && guard < 1000; guard++) {
-        if (poll(pf, 2, 5000) <= 0)
-            break;
-        for (int i = 0; i < 2; i++) {
-            if (pf[i].fd >= 0 && pf[i].revents) {
-                if (read(pf[i].fd, buf, sizeof buf) <= 0) {
-                    close(pf[i].fd);
-                    pf[i].fd = -1;
-                    open_fds--;
-                }
-            }
-        }
-    }
-    for (int i = 0; i < 2; i++)
-        if (pf[i].fd >= 0)
-            close(pf[i].fd);
-    int st;
-    waitpid(p, &st, 0);
+    run_true_plumbed(NULL);
     return now_ns() - t0;
 }
 
@@ -215,27 +172,6 @@ static int loopback_listener(struct sockaddr_in *a)
     socklen_t al = sizeof *a;
     getsockname(ls, (struct sockaddr *)a, &al);
     return ls;
-}
-
-/* `sh -c cmd` with its stdout into a pipe; *rfd gets the read end. */
-static pid_t spawn_producer(const char *cmd, int *rfd)
-{
-    int fd[2];
-    if (pipe2(fd, O_CLOEXEC))
-        exit(1);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, fd[1], 1);
-    char *argv[] = {"sh", "-c", (char *)cmd, NULL};
-    pid_t p;
-    if (posix_spawn(&p, "/bin/sh", &fa, NULL, argv, environ)) {
-        perror("spawn");
-        exit(1);
-    }
-    posix_spawn_file_actions_destroy(&fa);
-    close(fd[1]);
-    *rfd = fd[0];
-    return p;
 }
 
 static void tcp_test(long mib)
