@@ -101,6 +101,10 @@ void api_reply_spawn_error(struct http_req *r, int err, const char *msg)
         status = 429;
         code = "TOO_MANY_PROCESSES";
         break;
+    case -ENOEXEC:
+        status = 400; /* the file is executable by its mode, but not a program */
+        code = "EXEC_FORMAT_ERROR";
+        break;
     default:
         break;
     }

@@ -667,11 +667,61 @@ static char *normalize_dir(const char *d, char *err, size_t errlen)
     return out;
 }
 
+/* An exec waiting for its process's exec (proc_start_async): answered then. */
+struct exec_wait {
+    struct app *app;
+    struct http_req *r;
+    struct proc_pending *pending;
+    bool stream;
+    bool want_completion;
+    int64_t timeout_s;
+    uint16_t ports[MAX_WAIT_PORTS];
+    int nports;
+};
+
+static void reply_exec_error(struct http_req *r, int rc, const char *err)
+{
+    if (rc == -EAGAIN) {
+        api_reply_spawn_error(r, rc, err);
+    } else {
+        int status = rc == -EPERM ? 403 : 422;
+        http_reply_error(r, status, "SPAWN_FAILED", "failed to start process: %s", err);
+    }
+}
+
+static void on_exec_started(void *arg, struct proc *p, int rc, const char *err)
+{
+    struct exec_wait *ew = arg;
+    struct http_req *r = ew->r;
+    if (p == NULL) {
+        reply_exec_error(r, rc, err);
+    } else if (ew->stream || ew->want_completion || ew->nports > 0) {
+        struct waiter *wt = waiter_new(ew->app, r, p, ew->stream ? WAIT_STREAM : WAIT_START);
+        wt->want_completion = ew->want_completion;
+        wt->timeout_s = ew->timeout_s;
+        memcpy(wt->ports, ew->ports, sizeof(ew->ports));
+        wt->nports = ew->nports;
+        waiter_go(wt);
+    } else {
+        reply_response(r, p, INLINE_TAIL);
+    }
+    free(ew);
+}
+
+/* The client went away first: the process starts all the same, unanswered. */
+static void on_exec_abort(struct http_req *r, void *arg)
+{
+    struct exec_wait *ew = arg;
+    (void)r;
+    proc_start_cancel(ew->pending);
+    free(ew);
+}
+
 static void h_exec(struct app *app, struct http_req *r)
 {
     struct exec_req q;
     struct proc_spec spec = {0};
-    struct proc *p = NULL, *old;
+    struct proc *old;
     char err[512], name[32];
     char *cwd = NULL, **env = NULL;
     const char *accept = http_header(r, "accept");
@@ -698,7 +748,8 @@ static void h_exec(struct app *app, struct http_req *r)
         http_reply_error(r, 400, "INVALID_REQUEST", "%s", err);
         goto out;
     }
-    if (q.name != NULL && (old = proc_by_name(app->procs, q.name)) != NULL && proc_is_live(old)) {
+    if (q.name != NULL && (((old = proc_by_name(app->procs, q.name)) != NULL && proc_is_live(old)) ||
+                           proc_name_starting(app->procs, q.name))) {
         http_reply_error(r, 400, "NAME_IN_USE",
                          "process with name '%s' already exists and is running", q.name);
         goto out;
@@ -729,25 +780,19 @@ static void h_exec(struct app *app, struct http_req *r)
     spec.keep_alive = q.keep_alive;
     spec.dialect = DIALECT_BLAXEL;
 
-    rc = proc_start(app->procs, &spec, &p, err, sizeof(err));
+    struct exec_wait *ew = xcalloc(1, sizeof(*ew));
+    ew->app = app;
+    ew->r = r;
+    ew->stream = stream;
+    ew->want_completion = q.wait_completion;
+    ew->timeout_s = timeout_s;
+    memcpy(ew->ports, q.ports, sizeof(q.ports));
+    ew->nports = q.nports;
+    http_req_on_abort(r, on_exec_abort, ew);
+    rc = proc_start_async(app->procs, &spec, on_exec_started, ew, &ew->pending, err, sizeof(err));
     if (rc < 0) {
-        if (rc == -EAGAIN) {
-            api_reply_spawn_error(r, rc, err);
-        } else {
-            int status = rc == -EPERM ? 403 : 422;
-            http_reply_error(r, status, "SPAWN_FAILED", "failed to start process: %s", err);
-        }
-        goto out;
-    }
-    if (stream || q.wait_completion || q.nports > 0) {
-        struct waiter *wt = waiter_new(app, r, p, stream ? WAIT_STREAM : WAIT_START);
-        wt->want_completion = q.wait_completion;
-        wt->timeout_s = timeout_s;
-        memcpy(wt->ports, q.ports, sizeof(q.ports));
-        wt->nports = q.nports;
-        waiter_go(wt);
-    } else {
-        reply_response(r, p, INLINE_TAIL);
+        reply_exec_error(r, rc, err);
+        free(ew);
     }
 out:
     free(q.env_keys);

@@ -286,21 +286,54 @@ static int parse_start(json_t *o, struct start_req *q, bool run, char *err, size
     return 0;
 }
 
-/* Parses the body and starts the process. On failure the request is answered and NULL
- * returned. */
-static struct proc *start_from_request(struct app *app, struct http_req *r, bool run)
+static void stream_started(struct app *app, struct http_req *r, struct proc *p);
+
+/* A start waiting for its exec (proc_start_async): the request is answered then. */
+struct start_wait {
+    struct app *app;
+    struct http_req *r;
+    struct proc_pending *pending;
+    bool run;
+};
+
+static void on_started(void *arg, struct proc *p, int rc, const char *err)
+{
+    struct start_wait *sw = arg;
+    struct http_req *r = sw->r;
+    struct app *app = sw->app;
+    bool run = sw->run;
+    free(sw);
+    if (p == NULL)
+        api_reply_spawn_error(r, rc, err);
+    else if (run)
+        stream_started(app, r, p);
+    else
+        reply_info(r, 201, p);
+}
+
+/* The client went away first: the process starts all the same, unanswered. */
+static void on_start_abort(struct http_req *r, void *arg)
+{
+    struct start_wait *sw = arg;
+    (void)r;
+    proc_start_cancel(sw->pending);
+    free(sw);
+}
+
+/* Parses the body and starts the process; the request is answered with run's stream or
+ * start's record once the process runs, or with the error. */
+static void start_from_request(struct app *app, struct http_req *r, bool run)
 {
     struct start_req q;
     struct proc_user user = {0};
     struct proc_spec spec = {0};
-    struct proc *p = NULL;
     char **env = NULL;
     char err[512];
     json_t *o;
     int rc;
 
     if ((o = api_parse_object(r, 422)) == NULL)
-        return NULL;
+        return;
     if (parse_start(o, &q, run, err, sizeof(err)) < 0) {
         http_reply_error(r, 422, "INVALID_REQUEST", "%s", err);
         goto out;
@@ -341,17 +374,21 @@ static struct proc *start_from_request(struct app *app, struct http_req *r, bool
     spec.kill_tree_on_exit = true;
     spec.dialect = DIALECT_TENSORLAKE;
 
-    rc = proc_start(app->procs, &spec, &p, err, sizeof(err));
+    struct start_wait *sw = xcalloc(1, sizeof(*sw));
+    sw->app = app;
+    sw->r = r;
+    sw->run = run;
+    http_req_on_abort(r, on_start_abort, sw);
+    rc = proc_start_async(app->procs, &spec, on_started, sw, &sw->pending, err, sizeof(err));
     if (rc < 0) {
-        p = NULL;
         api_reply_spawn_error(r, rc, err);
+        free(sw);
     }
 out:
     proc_env_free(env);
     proc_user_free(&user);
     start_req_free(&q);
     json_decref(o);
-    return p;
 }
 
 /* ------------------------------------------------------------------------------------------
@@ -648,18 +685,19 @@ static void h_list(struct app *app, struct http_req *r)
     sbuf_free(&sb);
 }
 
+static void stream_started(struct app *app, struct http_req *r, struct proc *p)
+{
+    stream_output(app, r, p, &run_ops, 0, true);
+}
+
 static void h_start(struct app *app, struct http_req *r)
 {
-    struct proc *p = start_from_request(app, r, false);
-    if (p != NULL)
-        reply_info(r, 201, p);
+    start_from_request(app, r, false);
 }
 
 static void h_run(struct app *app, struct http_req *r)
 {
-    struct proc *p = start_from_request(app, r, true);
-    if (p != NULL)
-        stream_output(app, r, p, &run_ops, 0, true);
+    start_from_request(app, r, true);
 }
 
 static void h_signal(struct app *app, struct http_req *r, struct proc *p)

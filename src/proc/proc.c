@@ -36,6 +36,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <poll.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -1063,6 +1064,8 @@ bool proc_is_live(const struct proc *p)
  * Reaping
  */
 
+static void pending_reaped(struct proc_table *t, pid_t pid, int status);
+
 static void on_sigchld(uv_poll_t *h, int status, int events)
 {
     struct proc_table *t = h->data;
@@ -1080,7 +1083,8 @@ static void on_sigchld(uv_poll_t *h, int status, int events)
         struct proc *p = pidmap_find(t, pid);
         if (p != NULL)
             on_leader_exit(p, st);
-        /* else: an orphan of some tree (we are its subreaper), now reaped */
+        else
+            pending_reaped(t, pid, st); /* or an orphan of some tree, now reaped */
     }
 }
 
@@ -1088,24 +1092,20 @@ static void on_sigchld(uv_poll_t *h, int status, int events)
  * Table
  */
 
-int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc **ret,
-               char *err, size_t errlen)
+/* A record for spec, not yet in the table (free_record() undoes it). NULL: *rc and err say
+ * why. */
+static struct proc *rec_new(struct proc_table *t, const struct proc_spec *spec, char *err,
+                            size_t errlen, int *rc)
 {
-    char errbuf[256], path[PATH_MAX];
-    struct proc_child c;
-    int rc;
-    if (err == NULL || errlen == 0) {
-        err = errbuf;
-        errlen = sizeof(errbuf);
-    }
-    err[0] = '\0';
     if (t->shutting_down || t->freeing) {
         snprintf(err, errlen, "the daemon is shutting down");
-        return -ECANCELED;
+        *rc = -ECANCELED;
+        return NULL;
     }
-    if (t->n_live >= t->cfg.max_procs) {
-        snprintf(err, errlen, "too many processes (%u running)", t->n_live);
-        return -EAGAIN;
+    if (t->n_live + t->n_pending >= t->cfg.max_procs) {
+        snprintf(err, errlen, "too many processes (%u running)", t->n_live + t->n_pending);
+        *rc = -EAGAIN;
+        return NULL;
     }
 
     struct proc_rec *r = xcalloc(1, sizeof(*r));
@@ -1114,17 +1114,10 @@ int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc *
     p->priv = pv;
     pv->self = p;
     p->table = t;
-    if ((rc = proc__spec_copy(spec, &pv->spec, err, errlen)) < 0) {
+    if ((*rc = proc__spec_copy(spec, &pv->spec, err, errlen)) < 0) {
         free(r);
-        return rc;
+        return NULL;
     }
-    if ((rc = proc__spawn(t, &pv->spec, &c, err, errlen)) < 0) {
-        proc__spec_free(&pv->spec);
-        free(r);
-        return rc;
-    }
-
-    p->handle = ++t->next_handle;
     list_init(&p->watchers);
     list_init(&pv->pid_link);
     list_init(&pv->dirty_link);
@@ -1138,11 +1131,21 @@ int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc *
     p->max_restarts = spec->max_restarts;
     p->timeout_ms = spec->timeout_ms;
     p->stdin_pipe = spec->stdin_mode == PROC_STDIN_PIPE;
+    pv->backoff_ms = pv->spec.backoff_initial_ms;
+    return p;
+}
+
+/* The first run of p has started: the record joins the table. */
+static void rec_publish(struct proc_table *t, struct proc *p, const struct proc_child *c)
+{
+    struct proc_priv *pv = p->priv;
+    char path[PATH_MAX];
+
+    p->handle = ++t->next_handle;
     p->created_ms = now_ms();
     snprintf(path, sizeof(path), "%s/%d-%llu.log", t->out_dir, (int)t->self_pid,
              (unsigned long long)p->handle);
     p->out = obuf_new(path, t->cfg.max_output_bytes);
-    pv->backoff_ms = pv->spec.backoff_initial_ms;
 
     uv_timer_init(t->loop, &pv->timeout_timer);
     uv_timer_init(t->loop, &pv->state_timer);
@@ -1156,9 +1159,198 @@ int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc *
     t->n_total++;
     if (t->n_live++ == 0)
         uv_ref((uv_handle_t *)&t->sigchld);
-    run_started(p, &c);
+    run_started(p, c);
+}
+
+int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc **ret,
+               char *err, size_t errlen)
+{
+    char errbuf[256];
+    struct proc_child c;
+    int rc;
+    if (err == NULL || errlen == 0) {
+        err = errbuf;
+        errlen = sizeof(errbuf);
+    }
+    err[0] = '\0';
+    struct proc *p = rec_new(t, spec, err, errlen, &rc);
+    if (p == NULL)
+        return rc;
+    if ((rc = proc__spawn(t, &p->priv->spec, &c, err, errlen)) < 0) {
+        free_record(p);
+        return rc;
+    }
+    rec_publish(t, p, &c);
     *ret = p;
     return 0;
+}
+
+/* ---- asynchronous starts ----
+ * A spawn whose child has not exec'd yet has no record in the table: it is invisible (no
+ * handle, not listed, not found by pid or name) until exec succeeded, and a failed exec
+ * leaves nothing, exactly as with the synchronous start. Its exit, should the loop reap it
+ * before it sees the exec-status EOF, is kept here and delivered after the record exists.
+ */
+struct proc_pending {
+    struct list link;             /* t->pending */
+    struct proc_table *t;
+    struct proc *p;               /* the record, published on success */
+    struct proc_spawn_job *job;
+    pid_t pid;
+    uv_poll_t poll;               /* the exec-status pipe */
+    bool reaped;                  /* on_sigchld reaped pid already: status */
+    int status;
+    proc_started_cb *cb;          /* NULL: cancelled */
+    void *arg;
+};
+
+static void on_pending_close(uv_handle_t *h)
+{
+    struct proc_pending *pd = container_of((uv_poll_t *)h, struct proc_pending, poll);
+    struct proc_table *t = pd->t;
+    free(pd);
+    proc__table_handle_closed(t);
+}
+
+/* The child has exec'd or exited. */
+static void pending_end(struct proc_pending *pd)
+{
+    struct proc_table *t = pd->t;
+    struct proc *p = pd->p;
+    struct proc_child c;
+    char err[256];
+
+    list_remove(&pd->link);
+    t->n_pending--;
+    uv_close((uv_handle_t *)&pd->poll, on_pending_close); /* pd goes in the close callback */
+    int rc = proc__spawn_job_end(t, &p->priv->spec, pd->job, pd->reaped, &c, err, sizeof(err));
+    if (rc == 0 && (t->shutting_down || t->freeing)) {
+        /* Shutdown has stopped every run already; this one is too late to begin. */
+        int fds[3] = {c.fd_stdin, c.fd_stdout, c.fd_stderr};
+        for (int i = 0; i < 3; i++)
+            if (fds[i] >= 0)
+                close(fds[i]);
+        kill(-c.pid, SIGKILL);
+        if (c.cg != NULL)
+            proc__cg_release(t, c.cg, true);
+        snprintf(err, sizeof(err), "the daemon is shutting down");
+        rc = -ECANCELED;
+    }
+    if (rc < 0) {
+        free_record(p);
+        if (pd->cb != NULL)
+            pd->cb(pd->arg, NULL, rc, err);
+        proc__check_shutdown(t);
+        return;
+    }
+    rec_publish(t, p, &c);
+    if (pd->cb != NULL)
+        pd->cb(pd->arg, p, 0, NULL);
+    if (pd->reaped && p->state == PROC_RUNNING && p->pid == pd->pid)
+        on_leader_exit(p, pd->status);
+}
+
+static void on_pending_ready(uv_poll_t *h, int status, int events)
+{
+    struct proc_pending *pd = container_of(h, struct proc_pending, poll);
+    char b;
+    (void)events;
+    if (status == 0) {
+        ssize_t n = read(proc__spawn_job_fd(pd->job), &b, 1);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+    }
+    pending_end(pd);
+}
+
+/* on_sigchld: a pid with no record may be a pending spawn's (else it was an orphan of some
+ * tree, which we reap as their subreaper). */
+static void pending_reaped(struct proc_table *t, pid_t pid, int status)
+{
+    struct list *pos;
+    list_foreach(pos, &t->pending)
+    {
+        struct proc_pending *pd = container_of(pos, struct proc_pending, link);
+        if (pd->pid == pid && !pd->reaped) {
+            pd->reaped = true;
+            pd->status = status;
+            return;
+        }
+    }
+}
+
+int proc_start_async(struct proc_table *t, const struct proc_spec *spec, proc_started_cb *cb,
+                     void *arg, struct proc_pending **pending, char *err, size_t errlen)
+{
+    struct proc_spawn_job *job;
+    struct proc_child c;
+    int rc;
+
+    err[0] = '\0';
+    if (pending != NULL)
+        *pending = NULL;
+    struct proc *p = rec_new(t, spec, err, errlen, &rc);
+    if (p == NULL)
+        return rc;
+    if (!proc__spawn_async_ok(t) || t->n_pending >= PROC_ASYNC_MAX) {
+        if ((rc = proc__spawn(t, &p->priv->spec, &c, err, errlen)) < 0) {
+            free_record(p);
+            return rc;
+        }
+        rec_publish(t, p, &c);
+        cb(arg, p, 0, NULL);
+        return 0;
+    }
+    if ((rc = proc__spawn_async(t, &p->priv->spec, &job, err, errlen)) < 0) {
+        free_record(p);
+        return rc;
+    }
+    struct proc_pending *pd = xcalloc(1, sizeof(*pd));
+    if (uv_poll_init(t->loop, &pd->poll, proc__spawn_job_fd(job)) < 0) {
+        /* Cannot watch it: wait here instead (the child is about to exec or exit). */
+        struct pollfd pf = {.fd = proc__spawn_job_fd(job), .events = POLLIN};
+        free(pd);
+        while (poll(&pf, 1, -1) < 0 && errno == EINTR)
+            ;
+        if ((rc = proc__spawn_job_end(t, &p->priv->spec, job, false, &c, err, errlen)) < 0) {
+            free_record(p);
+            return rc;
+        }
+        rec_publish(t, p, &c);
+        cb(arg, p, 0, NULL);
+        return 0;
+    }
+    pd->t = t;
+    pd->p = p;
+    pd->job = job;
+    pd->pid = proc__spawn_job_pid(job);
+    pd->cb = cb;
+    pd->arg = arg;
+    list_insert_tail(&t->pending, &pd->link);
+    t->n_pending++;
+    t->handles++;
+    uv_poll_start(&pd->poll, UV_READABLE, on_pending_ready);
+    if (pending != NULL)
+        *pending = pd;
+    return 0;
+}
+
+void proc_start_cancel(struct proc_pending *pd)
+{
+    if (pd != NULL)
+        pd->cb = NULL;
+}
+
+bool proc_name_starting(struct proc_table *t, const char *name)
+{
+    struct list *pos;
+    list_foreach(pos, &t->pending)
+    {
+        struct proc_pending *pd = container_of(pos, struct proc_pending, link);
+        if (pd->p->name != NULL && strcmp(pd->p->name, name) == 0)
+            return true;
+    }
+    return false;
 }
 
 struct proc *proc_by_handle(struct proc_table *t, uint64_t handle)
@@ -1273,6 +1465,7 @@ int proc_table_new(uv_loop_t *loop, const struct proc_config *cfg, struct proc_t
     t->devnull = -1;
     t->sigfd = -1;
     list_init(&t->procs);
+    list_init(&t->pending);
     list_init(&t->dirty);
     for (int i = 0; i < PROC_PID_BUCKETS; i++)
         list_init(&t->pid_map[i]);
@@ -1373,7 +1566,7 @@ void proc__check_shutdown(struct proc_table *t)
 {
     if (!t->shutting_down || t->done_called || t->freeing)
         return;
-    if (!t->shutdown_expired && (t->n_live > 0 || t->cg.nlinger > 0))
+    if (!t->shutdown_expired && (t->n_live > 0 || t->n_pending > 0 || t->cg.nlinger > 0))
         return;
     if (t->n_live > 0 || t->cg.nlinger > 0)
         log_warnx("proc: shutdown: %u processes and %u cgroups still busy; giving up",
@@ -1470,6 +1663,18 @@ void proc_table_free(struct proc_table *t)
         }
         evict(p);
     }
+    while (!list_empty(&t->pending)) {
+        /* Not shut down first (or it gave up): end the child hard and wait for it. */
+        struct proc_pending *pd = container_of(t->pending.next, struct proc_pending, link);
+        int st;
+        pd->cb = NULL;
+        kill(pd->pid, SIGKILL);
+        while (!pd->reaped && waitpid(pd->pid, &st, 0) < 0 && errno == EINTR)
+            ;
+        pd->reaped = true;
+        pending_end(pd); /* frees the record: t->freeing */
+    }
+    proc__spawn_stacks_free(t);
     proc__cg_close(t);
     uv_close((uv_handle_t *)&t->sigchld, on_table_handle_close);
     close(t->sigfd); /* libuv is done with it: uv_close stopped the poll */

@@ -6,12 +6,14 @@
  * One table (struct proc_table) holds every record, running or ended, addressed by handle
  * (1, 2, 3...), by OS pid (current run's or the first run's) and by name (newest wins).
  *
- * Spawning: clone(CLONE_VM|CLONE_VFORK) like posix_spawn (no fork of the daemon's memory).
+ * Spawning: clone(CLONE_VM) like posix_spawn (no fork of the daemon's memory); API starts do
+ * not wait for the exec in the loop (proc_start_async), restarts do (CLONE_VFORK).
  * The child gets: its own session (setsid), default signal dispositions and an empty mask,
  * only fds 0-2 open, the requested cwd, uid/gid/groups, and membership of the process's own
  * cgroups (v2 for tree-kill through cgroup.kill, memory v1 or v2 for OOM detection) before
  * exec, so nothing it forks can escape them. Errors in the child (chdir, setuid, exec) are
- * reported back synchronously: proc_start() fails and no record exists.
+ * reported back before any record exists: proc_start() fails, or proc_start_async()'s
+ * callback gets the error.
  *
  * Reaping: the core owns SIGCHLD. The daemon is a child subreaper (or PID 1); every exited
  * child is waitpid()ed: statuses of our processes are routed to their records, orphans are
@@ -185,6 +187,22 @@ void proc_table_free(struct proc_table *t);
  * switch without root), -EAGAIN (too many processes), -EMFILE, ... */
 int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc **ret,
                char *err, size_t errlen);
+
+/* Starts a process without waiting for its exec: the loop goes on while the child sets
+ * itself up. Fails at once like proc_start() (negative errno, err filled, cb never called);
+ * else returns 0 and cb runs exactly once: cb(arg, p, 0, NULL) when the process runs (its
+ * record then exists), or cb(arg, NULL, rc, err) with proc_start()'s errors (no record).
+ * cb may run before proc_start_async() returns. *pending (may be NULL) identifies a start
+ * still in flight (NULL once cb ran): proc_start_cancel() then stops cb from running (the
+ * process, if exec succeeds, runs and is recorded as usual). Until cb, nothing of the start
+ * is visible: no handle, not listed, not found by pid or name (see proc_name_starting). */
+struct proc_pending;
+typedef void proc_started_cb(void *arg, struct proc *p, int rc, const char *err);
+int proc_start_async(struct proc_table *t, const struct proc_spec *spec, proc_started_cb *cb,
+                     void *arg, struct proc_pending **pending, char *err, size_t errlen);
+void proc_start_cancel(struct proc_pending *pd);
+/* A start in flight will carry this name. */
+bool proc_name_starting(struct proc_table *t, const char *name);
 
 struct proc *proc_by_handle(struct proc_table *t, uint64_t handle);
 struct proc *proc_by_pid(struct proc_table *t, pid_t pid);       /* current or first pid */

@@ -3,7 +3,8 @@
  * of the process core:
  *
  *   proc.c    table, pid map, reaping, the state machine (every transition), stdin, watchers
- *   spawn.c   executable lookup and clone(CLONE_VM|CLONE_VFORK) + exec of one run
+ *   spawn.c   executable lookup and clone(CLONE_VM) + exec of one run, sync (CLONE_VFORK)
+ *             or async (exec-status pipe)
  *   cgroup.c  per-run cgroups: detection, a pool of reusable dirs, tree kill, OOM counters
  *   ports.c   listening ports of a process tree
  *   env.c     environment and user helpers, state names
@@ -21,7 +22,9 @@
 #define PROC_STDIN_MAX (1024 * 1024)   /* bytes queued for a child's stdin */
 #define PROC_KILL_DRAIN_MS 500         /* pipe EOF wait after the final tree kill */
 #define PROC_MEMJOIN_DELAY_MS 20       /* a run alive this long joins its v1 memory cgroup */
-#define PROC_STACK_SIZE (256 * 1024)   /* the clone child's stack (reused by every spawn) */
+#define PROC_STACK_SIZE (256 * 1024)   /* the vfork child's stack (reused by every sync spawn) */
+#define PROC_ASYNC_STACK_SIZE (64 * 1024) /* an asynchronous spawn's child stack */
+#define PROC_ASYNC_MAX 64              /* spawns in flight at once; beyond, spawns are sync */
 #define PROC_DRAIN_READ_MAX (4u << 20) /* bytes read synchronously when a pipe is force-closed */
 #define PROC_CAPTURE_PIPE_SIZE (1024u * 1024) /* a capture pipe once a read filled the buffer */
 #define PROC_FLUSH_BATCH (128u * 1024) /* unflushed bytes that trigger a flush inside a read burst */
@@ -146,6 +149,22 @@ void proc__memjoin_start(struct proc_table *t, struct proc_cg *cg, pid_t pid);
 /* Starts one run. On failure nothing is left behind (the failed child is reaped). */
 int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc_child *ret,
                 char *err, size_t errlen);
+/* Asynchronous spawns (see spawn.c): proc__spawn_async() returns 0 with a job once the child
+ * is cloned (s must stay unchanged until the job ends), or fails like proc__spawn. When the
+ * job's fd is readable and read() says EOF, the child has exec'd or exited:
+ * proc__spawn_job_end() then gives the outcome as proc__spawn would (reaped: the loop has
+ * reaped the pid already) and frees the job. Possible only where proc__spawn_async_ok(). */
+struct proc_spawn_job;
+bool proc__spawn_async_ok(const struct proc_table *t);
+int proc__spawn_async(struct proc_table *t, const struct proc_run_spec *s,
+                      struct proc_spawn_job **ret, char *err, size_t errlen);
+pid_t proc__spawn_job_pid(const struct proc_spawn_job *j);
+int proc__spawn_job_fd(const struct proc_spawn_job *j);
+int proc__spawn_job_end(struct proc_table *t, const struct proc_run_spec *s,
+                        struct proc_spawn_job *j, bool reaped, struct proc_child *ret, char *err,
+                        size_t errlen);
+/* Unmaps the pooled asynchronous-spawn stacks. */
+void proc__spawn_stacks_free(struct proc_table *t);
 /* An fd at or above 3 (dup'ing with CLOEXEC when lower). Returns the fd or -errno. */
 int proc__fd_above_stdio(int fd);
 
@@ -212,6 +231,10 @@ struct proc_table {
     uv_timer_t sweep;         /* obuf_sweep() of live records' logs, while any is live */
     int devnull;
     void *stack;              /* clone child stack, PROC_STACK_SIZE + guard page */
+    void *stacks[PROC_ASYNC_MAX]; /* free asynchronous-spawn stacks */
+    unsigned nstacks;
+    struct list pending;      /* proc_start_async() spawns not yet exec'd (struct proc_pending) */
+    unsigned n_pending;
     uint64_t total_retained;
     struct proc_cgroups cg;
     int handles;              /* every open handle (table's and records') */

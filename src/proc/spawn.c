@@ -1,12 +1,13 @@
 /*
- * spawn: starts one run of a record, like glibc's posix_spawn: clone(CLONE_VM|CLONE_VFORK)
- * on a private stack, so the daemon's memory is never copied and its size never matters.
+ * spawn: starts one run of a record, like glibc's posix_spawn: clone(CLONE_VM) on a private
+ * stack, so the daemon's memory is never copied and its size never matters.
  *
  * Everything that can be checked is checked in the parent first (executable lookup on the
  * child's PATH, cwd, user), so the common errors get precise messages. What can only fail in
- * the child (chdir races, setuid, exec) is reported through a struct in the shared memory:
- * CLONE_VFORK suspends the parent until the child has exec'd or exited, so when clone()
- * returns the struct is final. A failed child is reaped right here; no record is created.
+ * the child (chdir races, setuid, exec) is reported through a struct in the shared memory,
+ * final once the child has exec'd or exited: at once with CLONE_VFORK (proc__spawn, which
+ * suspends the parent until then), or when the exec-status pipe says EOF (proc__spawn_async,
+ * which does not). A failed child is reaped here; no record is created.
  *
  * This file does not know records or states: it turns a proc_run_spec into a pid and fds.
  */
@@ -21,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -352,12 +354,40 @@ struct child_args {
 
 #define CHILD_FN __attribute__((no_sanitize("address", "undefined"), noinline))
 
-CHILD_FN __attribute__((noreturn)) static void child_fail(struct child_args *a, int stage)
+/* The child's system calls: the result, or -errno. In an asynchronous spawn the daemon runs on
+ * while the child makes them, in the same memory and with the same thread pointer, so a libc
+ * wrapper's errno write would land in the daemon's errno: on x86-64 they are made directly
+ * (and only there are spawns asynchronous, see spawn_async_ok). */
+#if defined(__x86_64__)
+#define CHILD_RAW_SYSCALLS 1
+__attribute__((no_sanitize("address", "undefined"), always_inline)) static inline long
+child_sys(long n, long a1, long a2, long a3, long a4)
 {
-    a->err = errno;
+    long ret;
+    register long r10 __asm__("r10") = a4;
+    __asm__ volatile("syscall"
+                     : "=a"(ret)
+                     : "a"(n), "D"(a1), "S"(a2), "d"(a3), "r"(r10)
+                     : "rcx", "r11", "memory");
+    return ret;
+}
+#else
+CHILD_FN static long child_sys(long n, long a1, long a2, long a3, long a4)
+{
+    long r = syscall(n, a1, a2, a3, a4);
+    return r < 0 ? -errno : r;
+}
+#endif
+#define CSYS(n, a1, a2, a3) child_sys((n), (long)(a1), (long)(a2), (long)(a3), 0)
+#define CSYS4(n, a1, a2, a3, a4) child_sys((n), (long)(a1), (long)(a2), (long)(a3), (long)(a4))
+
+CHILD_FN __attribute__((noreturn)) static void child_fail(struct child_args *a, int stage,
+                                                          long rc)
+{
+    a->err = rc < 0 ? (int)-rc : EIO;
     a->stage = stage;
     for (;;)
-        syscall(SYS_exit, 127);
+        CSYS(SYS_exit, 127, 0, 0);
 }
 
 CHILD_FN static int child_main(void *arg)
@@ -366,48 +396,49 @@ CHILD_FN static int child_main(void *arg)
     /* A zeroed kernel struct sigaction is {SIG_DFL, no flags, empty mask} on every layout. */
     static const unsigned long act[8];
     static const unsigned long mask[2];
+    long rc;
 
     for (const unsigned char *sig = a->reset_sigs; *sig != 0; sig++)
-        syscall(SYS_rt_sigaction, (int)*sig, act, NULL, NSIG / 8);
-    syscall(SYS_rt_sigprocmask, SIG_SETMASK, mask, NULL, NSIG / 8);
+        CSYS4(SYS_rt_sigaction, *sig, act, 0, NSIG / 8);
+    CSYS4(SYS_rt_sigprocmask, SIG_SETMASK, mask, 0, NSIG / 8);
 
-    if (syscall(SYS_setsid) < 0)
-        child_fail(a, CHILD_SETSID);
+    if ((rc = CSYS(SYS_setsid, 0, 0, 0)) < 0)
+        child_fail(a, CHILD_SETSID, rc);
     for (int i = 0; i < 2; i++)
-        if (a->cg_fd[i] >= 0 && syscall(SYS_write, a->cg_fd[i], "0", 1) != 1)
-            child_fail(a, CHILD_CGROUP);
+        if (a->cg_fd[i] >= 0 && (rc = CSYS(SYS_write, a->cg_fd[i], "0", 1)) != 1)
+            child_fail(a, CHILD_CGROUP, rc);
 
     /* The kernel's OOM killer should prefer the workload over the daemon. */
-    long fd = syscall(SYS_openat, AT_FDCWD, "/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC);
+    long fd = CSYS4(SYS_openat, AT_FDCWD, "/proc/self/oom_score_adj", O_WRONLY | O_CLOEXEC, 0);
     if (fd >= 0) {
-        syscall(SYS_write, fd, CHILD_OOM_SCORE_ADJ, sizeof(CHILD_OOM_SCORE_ADJ) - 1);
-        syscall(SYS_close, fd);
+        CSYS(SYS_write, fd, CHILD_OOM_SCORE_ADJ, sizeof(CHILD_OOM_SCORE_ADJ) - 1);
+        CSYS(SYS_close, fd, 0, 0);
     }
 
     for (int i = 0; i < 3; i++)
-        if (syscall(SYS_dup3, a->fd[i], i, 0) < 0)
-            child_fail(a, CHILD_DUP);
+        if ((rc = CSYS(SYS_dup3, a->fd[i], i, 0)) < 0)
+            child_fail(a, CHILD_DUP, rc);
     /* Everything of the daemon's is O_CLOEXEC already; this also catches fds opened
      * without it by libraries. Only marked here: execve closes them after it has released the
      * daemon (vfork), whereas closing them now kept the daemon waiting 4 µs with 20 fds open
      * and 21-62 µs with 230-640 (pooled cgroup dirs keep 5 each). Kernels before 5.11 lack the
      * flag: close them now. ENOSYS on older ones is fine for the reason above. */
-    if (syscall(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
-        syscall(SYS_close_range, 3U, ~0U, 0U);
+    if (CSYS(SYS_close_range, 3U, ~0U, CLOSE_RANGE_CLOEXEC) < 0)
+        CSYS(SYS_close_range, 3U, ~0U, 0U);
 
     if (a->set_user) {
-        if (syscall(SYS_setgroups, a->ngroups, a->groups) < 0)
-            child_fail(a, CHILD_GROUPS);
-        if (syscall(SYS_setresgid, a->gid, a->gid, a->gid) < 0)
-            child_fail(a, CHILD_GID);
-        if (syscall(SYS_setresuid, a->uid, a->uid, a->uid) < 0)
-            child_fail(a, CHILD_UID);
+        if ((rc = CSYS(SYS_setgroups, a->ngroups, a->groups, 0)) < 0)
+            child_fail(a, CHILD_GROUPS, rc);
+        if ((rc = CSYS(SYS_setresgid, a->gid, a->gid, a->gid)) < 0)
+            child_fail(a, CHILD_GID, rc);
+        if ((rc = CSYS(SYS_setresuid, a->uid, a->uid, a->uid)) < 0)
+            child_fail(a, CHILD_UID, rc);
     }
     /* After the id switch, so the user's own permissions apply to the directory. */
-    if (a->cwd != NULL && syscall(SYS_chdir, a->cwd) < 0)
-        child_fail(a, CHILD_CHDIR);
-    syscall(SYS_execve, a->path, a->argv, a->envp);
-    child_fail(a, CHILD_EXEC);
+    if (a->cwd != NULL && (rc = CSYS(SYS_chdir, a->cwd, 0, 0)) < 0)
+        child_fail(a, CHILD_CHDIR, rc);
+    rc = CSYS(SYS_execve, a->path, a->argv, a->envp);
+    child_fail(a, CHILD_EXEC, rc);
 }
 
 /* ---- clone3(CLONE_INTO_CGROUP) ----
@@ -455,33 +486,49 @@ __asm__(".text\n"
 /* Set once clone3 said ENOSYS/E2BIG/EINVAL: do not try again. */
 static bool clone3_broken;
 
-static pid_t spawn_clone(struct proc_table *t, struct child_args *a, int cg_dirfd)
+/* clone3 of the child on stack[0..size): CLONE_VFORK when sync. 0 with the pid, or -errno
+ * (-EAGAIN... from the kernel; -ENOSYS when clone3 cannot be used at all). */
+static long spawn_clone3(struct child_args *a, int cg_dirfd, void *stack, size_t size, bool sync)
 {
 #ifdef HAVE_CLONE3_ASM
-    if (cg_dirfd >= 0 && !clone3_broken) {
-        struct clone3_args ca = {
-            .flags = CLONE_VM | CLONE_VFORK | 0x200000000ULL /* CLONE_INTO_CGROUP */,
-            .exit_signal = SIGCHLD,
-            .stack = (uint64_t)(uintptr_t)t->stack,
-            .stack_size = PROC_STACK_SIZE,
-            .cgroup = (uint64_t)cg_dirfd,
-        };
-        int saved = a->cg_fd[0];
+    if (clone3_broken)
+        return -ENOSYS;
+    struct clone3_args ca = {
+        .flags = CLONE_VM | (sync ? CLONE_VFORK : 0) |
+                 (cg_dirfd >= 0 ? 0x200000000ULL /* CLONE_INTO_CGROUP */ : 0),
+        .exit_signal = SIGCHLD,
+        .stack = (uint64_t)(uintptr_t)stack,
+        .stack_size = size,
+        .cgroup = cg_dirfd >= 0 ? (uint64_t)cg_dirfd : 0,
+    };
+    int saved = a->cg_fd[0];
+    if (cg_dirfd >= 0)
         a->cg_fd[0] = -1; /* already in its cgroup2 dir */
-        long pid = proc__clone3_call(&ca, child_main, a);
-        if (pid >= 0)
-            return (pid_t)pid;
-        a->cg_fd[0] = saved;
-        if (pid == -ENOSYS || pid == -E2BIG || pid == -EINVAL || pid == -EOPNOTSUPP)
-            clone3_broken = true;
-        else if (pid != -EBUSY && pid != -EACCES) {
-            errno = (int)-pid;
-            return -1;
-        }
+    long pid = proc__clone3_call(&ca, child_main, a);
+    if (pid >= 0)
+        return pid;
+    a->cg_fd[0] = saved;
+    if (cg_dirfd >= 0 && (pid == -EBUSY || pid == -EACCES)) /* the dir: join by writing */
+        return spawn_clone3(a, -1, stack, size, sync);
+    if (pid == -ENOSYS || pid == -E2BIG || pid == -EINVAL || pid == -EOPNOTSUPP) {
+        clone3_broken = true;
+        return -ENOSYS;
     }
+    return pid;
 #else
-    (void)cg_dirfd;
+    (void)a, (void)cg_dirfd, (void)stack, (void)size, (void)sync;
+    return -ENOSYS;
 #endif
+}
+
+static pid_t spawn_clone(struct proc_table *t, struct child_args *a, int cg_dirfd)
+{
+    long pid = spawn_clone3(a, cg_dirfd, t->stack, PROC_STACK_SIZE, true);
+    if (pid != -ENOSYS) {
+        if (pid < 0)
+            errno = (int)-pid;
+        return pid < 0 ? -1 : (pid_t)pid;
+    }
     return clone(child_main, (char *)t->stack + PROC_STACK_SIZE, CLONE_VM | CLONE_VFORK | SIGCHLD,
                  a);
 }
@@ -579,119 +626,285 @@ static void child_error(const struct child_args *a, const struct proc_run_spec *
 }
 
 /* ------------------------------------------------------------------------------------------
- * proc__spawn
+ * proc__spawn (synchronous) and proc__spawn_async
  */
 
-int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc_child *ret,
-                char *err, size_t errlen)
-{
-    char path[PATH_MAX];
-    int in[2] = {-1, -1}, out[2] = {-1, -1}, errp[2] = {-1, -1};
-    int cg_fd[2] = {-1, -1}, cg_dirfd = -1;
-    bool memjoin = false;
-    struct proc_cg *cg = NULL;
+/* One spawn: what the child is given, and the parent's ends. */
+struct proc_spawn_job {
     struct child_args a;
-    sigset_t all, old;
+    char path[PATH_MAX];
+    int in[2], out[2], errp[2];
+    int cg_fd[2];
+    int cg_dirfd;
+    bool memjoin;
+    struct proc_cg *cg;
     pid_t pid;
+    int status_fd;   /* async: read end of the exec-status pipe, -1 otherwise */
+    void *stack;     /* async: this spawn's stack (PROC_ASYNC_STACK_SIZE), from the table */
+};
+
+static void job_close_all(struct proc_table *t, struct proc_spawn_job *j)
+{
+    close_fd(&j->in[0]);
+    close_fd(&j->in[1]);
+    close_fd(&j->out[0]);
+    close_fd(&j->out[1]);
+    close_fd(&j->errp[0]);
+    close_fd(&j->errp[1]);
+    if (j->cg != NULL) {
+        proc__cg_procs_done(j->cg, j->cg_fd);
+        if (j->cg_dirfd >= 0 && !j->cg->hot)
+            close(j->cg_dirfd);
+        j->cg_dirfd = -1;
+        proc__cg_release(t, j->cg, false);
+        j->cg = NULL;
+    }
+}
+
+/* Everything up to the clone: lookup, checks, pipes, cgroup, the child's arguments. */
+static int job_prepare(struct proc_table *t, const struct proc_run_spec *s,
+                       struct proc_spawn_job *j, char *err, size_t errlen)
+{
+    struct proc_cg *cg = NULL;
     int rc;
 
-    if ((rc = resolve_file(s, path, sizeof(path), err, errlen)) < 0)
+    j->in[0] = j->in[1] = j->out[0] = j->out[1] = j->errp[0] = j->errp[1] = -1;
+    j->cg_fd[0] = j->cg_fd[1] = j->cg_dirfd = -1;
+    j->status_fd = -1;
+    j->memjoin = false;
+    j->cg = NULL;
+    j->pid = 0;
+    j->stack = NULL;
+    if ((rc = resolve_file(s, j->path, sizeof(j->path), err, errlen)) < 0)
         return rc;
     if ((rc = check_cwd(s, err, errlen)) < 0)
         return rc;
 
-    if ((s->stdin_mode == PROC_STDIN_PIPE && (rc = make_pipe(in)) < 0) ||
-        (s->capture_stdout && (rc = make_pipe(out)) < 0) ||
-        (s->capture_stderr && (rc = make_pipe(errp)) < 0)) {
+    if ((s->stdin_mode == PROC_STDIN_PIPE && (rc = make_pipe(j->in)) < 0) ||
+        (s->capture_stdout && (rc = make_pipe(j->out)) < 0) ||
+        (s->capture_stderr && (rc = make_pipe(j->errp)) < 0)) {
         snprintf(err, errlen, "cannot create pipes: %s", strerror(-rc));
-        goto fail;
+        job_close_all(t, j);
+        return rc;
     }
 
     cg = proc__cg_acquire(t, s->memory_limit);
-    if (cg != NULL && proc__cg_procs_fds(cg, cg_fd) < 0) {
+    if (cg != NULL && proc__cg_procs_fds(cg, j->cg_fd) < 0) {
         /* Without its cgroup the run still works, tracked by its process group. */
         proc__cg_release(t, cg, false);
         cg = NULL;
     }
-
+    j->cg = cg;
     if (cg != NULL && cg->v2 != NULL)
-        cg_dirfd = cg->hot ? cg->fd_dir : open(cg->v2, O_PATH | O_DIRECTORY | O_CLOEXEC);
-    if (cg_dirfd >= 0 && cg->mem != cg->v2 && cg_fd[1] >= 0 && s->memory_limit == 0)
-        memjoin = true;
+        j->cg_dirfd = cg->hot ? cg->fd_dir : open(cg->v2, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (j->cg_dirfd >= 0 && cg->mem != cg->v2 && j->cg_fd[1] >= 0 && s->memory_limit == 0)
+        j->memjoin = true;
 
-    memset(&a, 0, sizeof(a));
-    a.path = path;
-    a.argv = s->argv;
-    a.envp = s->env;
-    a.cwd = s->cwd;
-    a.fd[0] = in[0] >= 0 ? in[0] : t->devnull;
-    a.fd[1] = out[1] >= 0 ? out[1] : t->devnull;
-    a.fd[2] = errp[1] >= 0 ? errp[1] : t->devnull;
-    a.cg_fd[0] = cg_fd[0];
-    a.cg_fd[1] = memjoin ? -1 : cg_fd[1]; /* else a threadpool job joins it */
-    if (a.cg_fd[1] >= 0)
+    struct child_args *a = &j->a;
+    memset(a, 0, sizeof(*a));
+    a->path = j->path;
+    a->argv = s->argv;
+    a->envp = s->env;
+    a->cwd = s->cwd;
+    a->fd[0] = j->in[0] >= 0 ? j->in[0] : t->devnull;
+    a->fd[1] = j->out[1] >= 0 ? j->out[1] : t->devnull;
+    a->fd[2] = j->errp[1] >= 0 ? j->errp[1] : t->devnull;
+    a->cg_fd[0] = j->cg_fd[0];
+    a->cg_fd[1] = j->memjoin ? -1 : j->cg_fd[1]; /* else a threadpool job joins it */
+    if (a->cg_fd[1] >= 0)
         cg->mem_clean = false;
-    a.set_user = s->set_user;
-    a.uid = s->uid;
-    a.gid = s->gid;
-    a.groups = s->groups;
-    a.ngroups = (size_t)s->ngroups;
+    a->set_user = s->set_user;
+    a->uid = s->uid;
+    a->gid = s->gid;
+    a->groups = s->groups;
+    a->ngroups = (size_t)s->ngroups;
     if (reset_sigs[0] == 0)
         find_reset_sigs();
-    a.reset_sigs = reset_sigs;
+    a->reset_sigs = reset_sigs;
+    return 0;
+}
 
+/* Right after the clone: the child has its own copies of the fds it needs. */
+static void job_after_clone(struct proc_spawn_job *j)
+{
+    close_fd(&j->in[0]);
+    close_fd(&j->out[1]);
+    close_fd(&j->errp[1]);
+    if (j->cg != NULL) {
+        if (j->cg_dirfd >= 0 && !j->cg->hot)
+            close(j->cg_dirfd);
+        j->cg_dirfd = -1;
+        proc__cg_procs_done(j->cg, j->cg_fd);
+        j->cg_fd[0] = j->cg_fd[1] = -1;
+    }
+}
+
+static int job_clone_failed(struct proc_table *t, struct proc_spawn_job *j, int e, char *err,
+                            size_t errlen)
+{
+    job_close_all(t, j);
+    /* Not the request's fault (a missing file here is a cgroup removed under us): only
+     * resource exhaustion keeps its errno, the rest is the daemon's failure. */
+    snprintf(err, errlen, "cannot spawn: %s", strerror(e));
+    return e == EAGAIN || e == ENOMEM ? -e : -EIO;
+}
+
+/* The child has exec'd or exited (its status is final): the outcome. status >= 0: the loop
+ * reaped it already with that wait status. */
+static int job_finish(struct proc_table *t, const struct proc_run_spec *s,
+                      struct proc_spawn_job *j, bool reaped, struct proc_child *ret, char *err,
+                      size_t errlen)
+{
+    if (j->a.stage != CHILD_OK) {
+        int st;
+        /* The child has exited or is exiting: this does not block for long. Reaping it here,
+         * not in the SIGCHLD handler, keeps failed starts invisible. */
+        while (!reaped && waitpid(j->pid, &st, 0) < 0 && errno == EINTR)
+            ;
+        child_error(&j->a, s, err, errlen);
+        job_close_all(t, j);
+        return j->a.err > 0 ? -j->a.err : -EIO;
+    }
+    ret->memjoin = j->memjoin; /* the core decides when (proc__memjoin_start) */
+    ret->pid = j->pid;
+    ret->fd_stdin = j->in[1];
+    ret->fd_stdout = j->out[0];
+    ret->fd_stderr = j->errp[0];
+    ret->cg = j->cg;
+    return 0;
+}
+
+int proc__spawn(struct proc_table *t, const struct proc_run_spec *s, struct proc_child *ret,
+                char *err, size_t errlen)
+{
+    struct proc_spawn_job j;
+    sigset_t all, old;
+    int rc;
+
+    if ((rc = job_prepare(t, s, &j, err, errlen)) < 0)
+        return rc;
     /* All signals blocked across clone: the child shares our memory and must not run a
      * daemon handler (libuv's writes into its signal pipe) before it has reset them. */
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid = spawn_clone(t, &a, cg_dirfd);
+    j.pid = spawn_clone(t, &j.a, j.cg_dirfd);
     int clone_errno = errno;
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (cg_dirfd >= 0 && !cg->hot)
-        close(cg_dirfd);
+    job_after_clone(&j);
+    if (j.pid < 0)
+        return job_clone_failed(t, &j, clone_errno, err, errlen);
+    /* CLONE_VFORK: the child has exec'd or exited, j.a is final. */
+    return job_finish(t, s, &j, false, ret, err, errlen);
+}
 
-    close_fd(&in[0]);
-    close_fd(&out[1]);
-    close_fd(&errp[1]);
-    if (cg != NULL)
-        proc__cg_procs_done(cg, cg_fd);
+/* Asynchronous spawns: clone3 without CLONE_VFORK, so the loop goes on while the child sets
+ * itself up and execs, instead of sleeping in the vfork wait (0.15-1 ms per spawn here, the
+ * loop's largest single wait under load). The child still runs in our memory until execve,
+ * on its own stack, reading the job (kept until then); it makes its system calls without
+ * libc (child_sys), so nothing of the daemon's changes under the loop. When it has exec'd or
+ * exited, the exec-status pipe's write end (O_CLOEXEC, the child's only copy) closes: the loop
+ * sees EOF, and j->a says whether exec happened. x86-64 with clone3 only; elsewhere spawns
+ * stay synchronous. */
+bool proc__spawn_async_ok(const struct proc_table *t)
+{
+    (void)t;
+#if defined(HAVE_CLONE3_ASM) && defined(CHILD_RAW_SYSCALLS)
+    return !clone3_broken;
+#else
+    return false;
+#endif
+}
 
+static void *stack_get(struct proc_table *t)
+{
+    if (t->nstacks > 0)
+        return t->stacks[--t->nstacks];
+    long page = sysconf(_SC_PAGESIZE);
+    void *stk = mmap(NULL, PROC_ASYNC_STACK_SIZE + (size_t)page, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stk == MAP_FAILED)
+        return NULL;
+    mprotect(stk, (size_t)page, PROT_NONE); /* guard page below the stack */
+    return (char *)stk + page;
+}
+
+static void stack_put(struct proc_table *t, void *stack)
+{
+    if (t->nstacks < PROC_ASYNC_MAX) {
+        t->stacks[t->nstacks++] = stack;
+        return;
+    }
+    long page = sysconf(_SC_PAGESIZE);
+    munmap((char *)stack - page, PROC_ASYNC_STACK_SIZE + (size_t)page);
+}
+
+void proc__spawn_stacks_free(struct proc_table *t)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    while (t->nstacks > 0)
+        munmap((char *)t->stacks[--t->nstacks] - page, PROC_ASYNC_STACK_SIZE + (size_t)page);
+}
+
+int proc__spawn_async(struct proc_table *t, const struct proc_run_spec *s,
+                      struct proc_spawn_job **ret, char *err, size_t errlen)
+{
+    struct proc_spawn_job *j = xcalloc(1, sizeof(*j));
+    int st[2] = {-1, -1};
+    sigset_t all, old;
+    int rc;
+
+    if ((rc = job_prepare(t, s, j, err, errlen)) < 0) {
+        free(j);
+        return rc;
+    }
+    int e = 0;
+    if ((j->stack = stack_get(t)) == NULL)
+        e = ENOMEM;
+    else if ((rc = make_pipe(st)) < 0)
+        e = -rc;
+    if (e != 0) {
+        if (j->stack != NULL)
+            stack_put(t, j->stack);
+        rc = job_clone_failed(t, j, e, err, errlen);
+        free(j);
+        return rc;
+    }
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    long pid = spawn_clone3(&j->a, j->cg_dirfd, j->stack, PROC_ASYNC_STACK_SIZE, false);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    close(st[1]); /* the child holds the only other copy, until exec or exit */
+    job_after_clone(j);
     if (pid < 0) {
-        /* Not the request's fault (a missing file here is a cgroup removed under us): only
-         * resource exhaustion keeps its errno, the rest is the daemon's failure. */
-        rc = clone_errno == EAGAIN || clone_errno == ENOMEM ? -clone_errno : -EIO;
-        snprintf(err, errlen, "cannot spawn: %s", strerror(clone_errno));
-        goto fail;
+        close(st[0]);
+        stack_put(t, j->stack);
+        rc = job_clone_failed(t, j, (int)-pid, err, errlen);
+        free(j);
+        return rc;
     }
-    if (a.stage != CHILD_OK) {
-        int st;
-        /* The child has exited already (vfork semantics): this does not block. Reaping it
-         * here, not in the SIGCHLD handler, keeps failed starts invisible. */
-        while (waitpid(pid, &st, 0) < 0 && errno == EINTR)
-            ;
-        child_error(&a, s, err, errlen);
-        rc = a.err > 0 ? -a.err : -EIO;
-        goto fail;
-    }
-
-    ret->memjoin = memjoin; /* the core decides when (proc__memjoin_start) */
-    ret->pid = pid;
-    ret->fd_stdin = in[1];
-    ret->fd_stdout = out[0];
-    ret->fd_stderr = errp[0];
-    ret->cg = cg;
+    j->pid = (pid_t)pid;
+    j->status_fd = st[0];
+    *ret = j;
     return 0;
+}
 
-fail:
-    close_fd(&in[0]);
-    close_fd(&in[1]);
-    close_fd(&out[0]);
-    close_fd(&out[1]);
-    close_fd(&errp[0]);
-    close_fd(&errp[1]);
-    if (cg != NULL) {
-        proc__cg_procs_done(cg, cg_fd);
-        proc__cg_release(t, cg, false);
-    }
+pid_t proc__spawn_job_pid(const struct proc_spawn_job *j)
+{
+    return j->pid;
+}
+
+int proc__spawn_job_fd(const struct proc_spawn_job *j)
+{
+    return j->status_fd;
+}
+
+int proc__spawn_job_end(struct proc_table *t, const struct proc_run_spec *s,
+                        struct proc_spawn_job *j, bool reaped, struct proc_child *ret, char *err,
+                        size_t errlen)
+{
+    close_fd(&j->status_fd);
+    stack_put(t, j->stack); /* the child has left it: exec'd or exited */
+    int rc = job_finish(t, s, j, reaped, ret, err, errlen);
+    free(j);
     return rc;
 }

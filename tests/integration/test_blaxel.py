@@ -366,6 +366,28 @@ def test_name_running_conflict_and_newest_wins(d):
     assert bl_logs(d, old["pid"])["stdout"] == "old-out\n"
 
 
+def test_name_conflict_between_concurrent_execs(d):
+    # Two execs with one name at once: a start still waiting for its exec holds the name too,
+    # so exactly one of the two runs and the other gets the running-name 400.
+    for _ in range(6):
+        name = uname("race")
+        gate = __import__("threading").Barrier(2)
+
+        def go():
+            gate.wait(5)
+            return d.post("/process", {"command": "sleep 30", "name": name})
+        boxes = [harness.threaded(go) for _ in range(2)]
+        rs = []
+        for t, box in boxes:
+            t.join(slack(10))
+            assert "value" in box, box.get("error")
+            rs.append(box["value"])
+        assert sorted(r.status for r in rs) == [200, 400], [(r.status, r.text) for r in rs]
+        ok = [r for r in rs if r.status == 200][0].json()
+        assert bl_get(d, name)["pid"] == ok["pid"]
+        assert_json(d.delete("/process/%s/kill" % ok["pid"]))
+
+
 def test_working_dir_missing_422(d):
     before = count_procs(d)
     tmp = tempfile.mkdtemp(prefix="sandboxd-bl-")

@@ -1,6 +1,7 @@
 """Bad input and limits: JSON errors, validation, spawn failures without records, routing,
 malformed HTTP, body/header limits, slow headers (decisions.md "Errors")."""
 
+import json
 import os
 import shutil
 import socket
@@ -8,7 +9,7 @@ import tempfile
 import time
 
 import harness
-from harness import Daemon, assert_error, slack
+from harness import Daemon, assert_error, slack, wait_until
 
 DAEMON = {}
 
@@ -144,6 +145,89 @@ def test_command_not_executable(d):
         assert count(d) == before
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_exec_format_error(d):
+    # Executable by its mode but neither ELF nor "#!": only execve itself can say so (in the
+    # child, after the parent's checks passed). 400, no record, nothing left behind.
+    tmp = tempfile.mkdtemp(prefix="sbx-err-")
+    try:
+        path = os.path.join(tmp, "garbage")
+        with open(path, "wb") as f:
+            f.write(b"\x00\x01\x02 not a program\n")
+        os.chmod(path, 0o755)
+        before = count(d)
+        kids = set(d.descendants())
+        for route in (START, "/api/v1/processes/run"):
+            j = assert_error(d.post(route, {"command": path}), 400, "EXEC_FORMAT_ERROR")
+            assert "Exec format error" in j["error"], j
+        assert count(d) == before
+        time.sleep(0.2)
+        assert not d.zombies(), "zombies after failed execs: %r" % d.zombies()
+        assert set(d.descendants()) - kids == set(), "failed execs left processes"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_concurrent_starts_failed_and_good(d):
+    # Starts in flight at once (the daemon does not wait for each exec): every good one gets
+    # its record and its own exit code, every failed exec its 400 and no record.
+    tmp = tempfile.mkdtemp(prefix="sbx-err-")
+    try:
+        bad = os.path.join(tmp, "garbage")
+        with open(bad, "wb") as f:
+            f.write(b"\x00 not a program\n")
+        os.chmod(bad, 0o755)
+        before = count(d)
+
+        def worker(k):
+            out = []
+            for i in range(10):
+                if (k + i) % 3 == 0:
+                    r = d.post(START, {"command": bad})
+                    out.append(("bad", r.status, r.json().get("code")))
+                else:
+                    code = (k * 10 + i) % 100
+                    r = d.post(START, {"command": "sh", "args": ["-c", "exit %d" % code]})
+                    out.append(("good", r.status, code, r.json().get("pid")))
+            return out
+        boxes = [harness.threaded(worker, k) for k in range(12)]
+        results = []
+        for t, box in boxes:
+            t.join(slack(60))
+            assert "value" in box, box.get("error")
+            results += box["value"]
+        goods = [x for x in results if x[0] == "good"]
+        assert all(x[1] == 201 for x in goods), [x for x in goods if x[1] != 201][:5]
+        bads = [x for x in results if x[0] == "bad"]
+        assert all(x[1] == 400 and x[2] == "EXEC_FORMAT_ERROR" for x in bads), bads[:5]
+        for _, _, code, pid in goods:
+            info = d.wait_ended(pid)
+            assert info["exit_code"] == code, (code, info)
+        assert count(d)[1] == before[1] + len(goods)
+        assert len({x[3] for x in goods}) == len(goods), "two starts answered with one pid"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_client_gone_while_starting(d):
+    # The request's connection closes right after the start is sent: the daemon stays well,
+    # the process runs to its end and is recorded, nothing is left behind.
+    before = count(d)[1]
+    body = json.dumps({"command": "sh", "args": ["-c", "echo gone-%d; exit 7"]})
+    for i in range(20):
+        c = d.conn()
+        c.send(c.build_request("POST", "/api/v1/processes/run", body % i,
+                               {"Content-Type": "application/json"},
+                               d.token if d.token is not None else d.env_token))
+        c.close()
+    wait_until(lambda: count(d)[1] == before + 20, slack(10), what="20 records")
+    for p in d.list()[-20:]:
+        info = d.wait_ended(p["pid"])
+        assert info["exit_code"] == 7, info
+    assert d.get("/api/v1/health").status == 200
+    time.sleep(0.2)
+    assert not d.zombies(), d.zombies()
 
 
 def test_working_dir_missing(d):

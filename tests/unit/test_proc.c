@@ -742,6 +742,158 @@ TEST(proc_max_procs)
 }
 
 /* ------------------------------------------------------------------------------------------
+ * Asynchronous starts
+ */
+
+struct started {
+    int calls;
+    struct proc *p;
+    int rc;
+    char err[256];
+};
+
+static void on_started(void *arg, struct proc *p, int rc, const char *err)
+{
+    struct started *st = arg;
+    st->calls++;
+    st->p = p;
+    st->rc = rc;
+    snprintf(st->err, sizeof(st->err), "%s", err != NULL ? err : "");
+}
+
+static void wait_started(struct h *h, struct started *st, uint64_t ms)
+{
+    uint64_t end = mono_ms() + ms;
+    while (st->calls == 0 && mono_ms() < end)
+        uv_run(&h->loop, UV_RUN_ONCE);
+    ASSERT_EQ(st->calls, 1);
+}
+
+TEST(proc_async_start)
+{
+    struct h h;
+    struct sp x;
+    struct started st[24];
+    char err[256];
+    h_init(&h);
+    memset(st, 0, sizeof(st));
+    /* Many in flight at once: each gets its own record, pid and exit code, however the
+     * exec-status EOF and the reaping of a quick exit are ordered in the loop. */
+    char scripts[24][32];
+    for (int i = 0; i < 24; i++) {
+        snprintf(scripts[i], sizeof(scripts[i]), "exit %d", i);
+        ASSERT_EQ(proc_start_async(h.t, sh_spec(&x, scripts[i]), on_started, &st[i], NULL, err,
+                                   sizeof(err)), 0);
+    }
+    ASSERT(proc_count_total(h.t) <= 24);
+    for (int i = 0; i < 24; i++) {
+        wait_started(&h, &st[i], 5000);
+        ASSERT_EQ(st[i].rc, 0);
+        ASSERT(st[i].p != NULL);
+    }
+    for (int i = 0; i < 24; i++) {
+        wait_done(&h, st[i].p, 5000);
+        ASSERT_EQ(st[i].p->outcome, PROC_OUT_EXITED);
+        ASSERT_EQ(st[i].p->exit_code, i);
+        for (int j = 0; j < i; j++)
+            ASSERT(st[i].p->pid != st[j].p->pid);
+    }
+    ASSERT_EQ(proc_count_total(h.t), 24);
+    ASSERT_EQ(zombie_children(), 0);
+    h_fini(&h);
+}
+
+TEST(proc_async_exec_failure)
+{
+    struct h h;
+    struct started st = {0};
+    char err[256], path[128];
+    h_init(&h);
+    /* Executable by its mode, but not a program: only the child's execve finds out. */
+    snprintf(path, sizeof(path), "%s/garbage", h.dir);
+    int fd = open(path, O_CREAT | O_WRONLY, 0755);
+    ASSERT(fd >= 0);
+    ASSERT_EQ(write(fd, "\x01\x02 garbage\n", 10), 10);
+    close(fd);
+    char *argv[] = {path, NULL};
+    struct proc_spec s = {.command = path, .argv = argv, .env = environ, .capture_stdout = true};
+    ASSERT_EQ(proc_start_async(h.t, &s, on_started, &st, NULL, err, sizeof(err)), 0);
+    wait_started(&h, &st, 5000);
+    ASSERT_EQ(st.rc, -ENOEXEC);
+    ASSERT(st.p == NULL);
+    ASSERT(strstr(st.err, "Exec format error") != NULL);
+    ASSERT_EQ(proc_count_total(h.t), 0);
+    run_for(&h, 50);
+    ASSERT_EQ(zombie_children(), 0);
+    /* The synchronous start says the same. */
+    struct proc *p = NULL;
+    ASSERT_EQ(proc_start(h.t, &s, &p, err, sizeof(err)), -ENOEXEC);
+    ASSERT_EQ(proc_count_total(h.t), 0);
+    /* Errors known before the clone fail at once, without the callback. */
+    char *argv2[] = {"no-such-command-xyz", NULL};
+    struct proc_spec s2 = {.command = "no-such-command-xyz", .argv = argv2, .env = environ};
+    memset(&st, 0, sizeof(st));
+    ASSERT_EQ(proc_start_async(h.t, &s2, on_started, &st, NULL, err, sizeof(err)), -ENOENT);
+    ASSERT_EQ(st.calls, 0);
+    h_fini(&h);
+}
+
+TEST(proc_async_cancel_and_names)
+{
+    struct h h;
+    struct sp x;
+    struct started st = {0};
+    struct proc_pending *pd = NULL;
+    char err[256];
+    h_init(&h);
+    sh_spec(&x, "echo hi; exit 3");
+    x.s.name = "job";
+    ASSERT_EQ(proc_start_async(h.t, &x.s, on_started, &st, &pd, err, sizeof(err)), 0);
+    if (pd != NULL) { /* asynchronous here: visible by name only as starting */
+        ASSERT(proc_name_starting(h.t, "job"));
+        ASSERT(!proc_name_starting(h.t, "other"));
+        ASSERT(proc_by_name(h.t, "job") == NULL);
+        proc_start_cancel(pd);
+        uint64_t end = mono_ms() + 5000;
+        while (proc_by_name(h.t, "job") == NULL && mono_ms() < end)
+            uv_run(&h.loop, UV_RUN_ONCE);
+        ASSERT_EQ(st.calls, 0);
+    }
+    struct proc *p = proc_by_name(h.t, "job");
+    ASSERT(p != NULL);
+    ASSERT(!proc_name_starting(h.t, "job"));
+    wait_done(&h, p, 5000);
+    ASSERT_EQ(p->exit_code, 3);
+    char *out = output(p, OBUF_STDOUT, NULL);
+    ASSERT_STREQ(out, "hi\n");
+    free(out);
+    h_fini(&h);
+}
+
+TEST(proc_async_shutdown_while_starting)
+{
+    struct h h;
+    struct sp x;
+    struct started st = {0};
+    char err[256];
+    h_init(&h);
+    ASSERT_EQ(proc_start_async(h.t, sh_spec(&x, "sleep 100"), on_started, &st, NULL, err,
+                               sizeof(err)), 0);
+    /* Shutdown begins before the loop saw the exec: the start is refused, nothing is left. */
+    bool was_pending = st.calls == 0;
+    proc_table_shutdown(h.t, on_shutdown_done, &h);
+    while (!h.done)
+        uv_run(&h.loop, UV_RUN_ONCE);
+    ASSERT_EQ(st.calls, 1);
+    if (was_pending) {
+        ASSERT_EQ(st.rc, -ECANCELED);
+        ASSERT_EQ(proc_count_total(h.t), 0);
+    }
+    h_fini(&h); /* shutdown is done already: this only frees */
+    ASSERT_EQ(zombie_children(), 0);
+}
+
+/* ------------------------------------------------------------------------------------------
  * Restart
  */
 
