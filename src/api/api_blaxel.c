@@ -748,8 +748,10 @@ static void h_exec(struct app *app, struct http_req *r)
         http_reply_error(r, 400, "INVALID_REQUEST", "%s", err);
         goto out;
     }
-    if (q.name != NULL && (((old = proc_by_name(app->procs, q.name)) != NULL && proc_is_live(old)) ||
-                           proc_name_starting(app->procs, q.name))) {
+    /* A start still waiting for its exec holds its name too. */
+    if (q.name != NULL &&
+        (((old = proc_by_name(app->procs, q.name)) != NULL && proc_is_live(old)) ||
+         proc_name_starting(app->procs, q.name))) {
         http_reply_error(r, 400, "NAME_IN_USE",
                          "process with name '%s' already exists and is running", q.name);
         goto out;

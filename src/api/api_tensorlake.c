@@ -291,8 +291,7 @@ static void stream_started(struct app *app, struct http_req *r, struct proc *p);
 /* A start waiting for its exec (proc_start_async): the request is answered then. */
 struct start_wait {
     struct app *app;
-    struct http_req *r;
-    struct proc_pending *pending;
+    struct http_req *r;      /* NULL: the client went away meanwhile */
     bool run;
 };
 
@@ -303,21 +302,24 @@ static void on_started(void *arg, struct proc *p, int rc, const char *err)
     struct app *app = sw->app;
     bool run = sw->run;
     free(sw);
-    if (p == NULL)
+    if (r == NULL) {
+        /* A run is request-scoped (its tree dies with its client), a start is not. */
+        if (p != NULL && run && proc_is_live(p))
+            proc_kill(p);
+    } else if (p == NULL) {
         api_reply_spawn_error(r, rc, err);
-    else if (run)
+    } else if (run) {
         stream_started(app, r, p);
-    else
+    } else {
         reply_info(r, 201, p);
+    }
 }
 
-/* The client went away first: the process starts all the same, unanswered. */
 static void on_start_abort(struct http_req *r, void *arg)
 {
     struct start_wait *sw = arg;
     (void)r;
-    proc_start_cancel(sw->pending);
-    free(sw);
+    sw->r = NULL; /* on_started still runs, and frees it */
 }
 
 /* Parses the body and starts the process; the request is answered with run's stream or
@@ -379,7 +381,7 @@ static void start_from_request(struct app *app, struct http_req *r, bool run)
     sw->r = r;
     sw->run = run;
     http_req_on_abort(r, on_start_abort, sw);
-    rc = proc_start_async(app->procs, &spec, on_started, sw, &sw->pending, err, sizeof(err));
+    rc = proc_start_async(app->procs, &spec, on_started, sw, NULL, err, sizeof(err));
     if (rc < 0) {
         api_reply_spawn_error(r, rc, err);
         free(sw);

@@ -7,7 +7,8 @@
  * (1, 2, 3...), by OS pid (current run's or the first run's) and by name (newest wins).
  *
  * Spawning: clone(CLONE_VM) like posix_spawn (no fork of the daemon's memory); API starts do
- * not wait for the exec in the loop (proc_start_async), restarts do (CLONE_VFORK).
+ * not wait in the loop for the exec while other work is live (proc_start_async), restarts
+ * and starts into an idle daemon do (CLONE_VFORK).
  * The child gets: its own session (setsid), default signal dispositions and an empty mask,
  * only fds 0-2 open, the requested cwd, uid/gid/groups, and membership of the process's own
  * cgroups (v2 for tree-kill through cgroup.kill, memory v1 or v2 for OOM detection) before
@@ -188,14 +189,15 @@ void proc_table_free(struct proc_table *t);
 int proc_start(struct proc_table *t, const struct proc_spec *spec, struct proc **ret,
                char *err, size_t errlen);
 
-/* Starts a process without waiting for its exec: the loop goes on while the child sets
- * itself up. Fails at once like proc_start() (negative errno, err filled, cb never called);
- * else returns 0 and cb runs exactly once: cb(arg, p, 0, NULL) when the process runs (its
- * record then exists), or cb(arg, NULL, rc, err) with proc_start()'s errors (no record).
- * cb may run before proc_start_async() returns. *pending (may be NULL) identifies a start
- * still in flight (NULL once cb ran): proc_start_cancel() then stops cb from running (the
- * process, if exec succeeds, runs and is recorded as usual). Until cb, nothing of the start
- * is visible: no handle, not listed, not found by pid or name (see proc_name_starting). */
+/* Starts a process without waiting for its exec while anything else is live (a process, a
+ * start in flight): the loop goes on while the child sets itself up. Fails at once like
+ * proc_start() (negative errno, err filled, cb never called); else returns 0 and cb runs
+ * exactly once: cb(arg, p, 0, NULL) when the process runs (its record then exists), or
+ * cb(arg, NULL, rc, err) with proc_start()'s errors (no record). cb may run before
+ * proc_start_async() returns. *pending (may be NULL) identifies a start still in flight
+ * (NULL once cb ran): proc_start_cancel() then stops cb from running (the process, if exec
+ * succeeds, runs and is recorded as usual). Until cb, nothing of the start is visible: no
+ * handle, not listed, not found by pid or name (see proc_name_starting). */
 struct proc_pending;
 typedef void proc_started_cb(void *arg, struct proc *p, int rc, const char *err);
 int proc_start_async(struct proc_table *t, const struct proc_spec *spec, proc_started_cb *cb,

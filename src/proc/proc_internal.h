@@ -83,6 +83,8 @@ struct proc_cgroups {
 
 /* Test hook: bits that make detection ignore cgroup2 (1) or the memory controller (2). */
 extern int proc__cg_disable;
+/* Test hook: proc_start_async() is asynchronous even when nothing else is live. */
+extern bool proc__async_always;
 
 int proc__cg_init(struct proc_table *t);
 /* Removes pooled dirs and, when nothing is left inside, the daemon's own dirs. */
@@ -235,6 +237,8 @@ struct proc_table {
     unsigned nstacks;
     struct list pending;      /* proc_start_async() spawns not yet exec'd (struct proc_pending) */
     unsigned n_pending;
+    int spawn_ep;             /* epoll set of their exec-status pipes, or -1: no async starts */
+    uv_poll_t spawn_poll;     /* on spawn_ep */
     uint64_t total_retained;
     struct proc_cgroups cg;
     int handles;              /* every open handle (table's and records') */

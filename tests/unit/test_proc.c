@@ -776,6 +776,7 @@ TEST(proc_async_start)
     struct started st[24];
     char err[256];
     h_init(&h);
+    proc__async_always = true;
     memset(st, 0, sizeof(st));
     /* Many in flight at once: each gets its own record, pid and exit code, however the
      * exec-status EOF and the reaping of a quick exit are ordered in the loop. */
@@ -800,6 +801,7 @@ TEST(proc_async_start)
     }
     ASSERT_EQ(proc_count_total(h.t), 24);
     ASSERT_EQ(zombie_children(), 0);
+    proc__async_always = false;
     h_fini(&h);
 }
 
@@ -809,6 +811,7 @@ TEST(proc_async_exec_failure)
     struct started st = {0};
     char err[256], path[128];
     h_init(&h);
+    proc__async_always = true;
     /* Executable by its mode, but not a program: only the child's execve finds out. */
     snprintf(path, sizeof(path), "%s/garbage", h.dir);
     int fd = open(path, O_CREAT | O_WRONLY, 0755);
@@ -835,6 +838,7 @@ TEST(proc_async_exec_failure)
     memset(&st, 0, sizeof(st));
     ASSERT_EQ(proc_start_async(h.t, &s2, on_started, &st, NULL, err, sizeof(err)), -ENOENT);
     ASSERT_EQ(st.calls, 0);
+    proc__async_always = false;
     h_fini(&h);
 }
 
@@ -846,6 +850,7 @@ TEST(proc_async_cancel_and_names)
     struct proc_pending *pd = NULL;
     char err[256];
     h_init(&h);
+    proc__async_always = true;
     sh_spec(&x, "echo hi; exit 3");
     x.s.name = "job";
     ASSERT_EQ(proc_start_async(h.t, &x.s, on_started, &st, &pd, err, sizeof(err)), 0);
@@ -867,6 +872,7 @@ TEST(proc_async_cancel_and_names)
     char *out = output(p, OBUF_STDOUT, NULL);
     ASSERT_STREQ(out, "hi\n");
     free(out);
+    proc__async_always = false;
     h_fini(&h);
 }
 
@@ -877,6 +883,7 @@ TEST(proc_async_shutdown_while_starting)
     struct started st = {0};
     char err[256];
     h_init(&h);
+    proc__async_always = true;
     ASSERT_EQ(proc_start_async(h.t, sh_spec(&x, "sleep 100"), on_started, &st, NULL, err,
                                sizeof(err)), 0);
     /* Shutdown begins before the loop saw the exec: the start is refused, nothing is left. */
@@ -889,6 +896,7 @@ TEST(proc_async_shutdown_while_starting)
         ASSERT_EQ(st.rc, -ECANCELED);
         ASSERT_EQ(proc_count_total(h.t), 0);
     }
+    proc__async_always = false;
     h_fini(&h); /* shutdown is done already: this only frees */
     ASSERT_EQ(zombie_children(), 0);
 }
