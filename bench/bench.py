@@ -504,7 +504,7 @@ class Bench:
         out["c8_per_s"] = summarize([x["per_s"] for x in out["c8"]])
         out["c8_ratio"] = summarize([x["per_s"] / x["paired_spawnpar2_per_s"] for x in out["c8"]])
         out["bad"] = sum(x["bad"] for x in out["lat"] + out["c8"])
-        log(f"  HTTP run floor: p50 {fmt_s(out['p50_us'])} µs = {fmt_s(out['p50_ratio'], 2)} x (spawn + client); "
+        log(f"  HTTP run floor / pre-fork reference: p50 {fmt_s(out['p50_us'])} µs = {fmt_s(out['p50_ratio'], 2)} x (spawn + client); "
             f"c8 {fmt_s(out['c8_per_s'])}/s = {fmt_s(out['c8_ratio'], 2)} x bare spawns/s; bad {out['bad']}")
         return out
 
@@ -1050,10 +1050,10 @@ def build_table(res):
         f"{fmt_s(dig(fl, 'spawnpar2_pipes', 'cpu_us_per_spawn'))}" if spp else "–",
         (fmt(spp / sp2, 2) + "× bare") if spp and sp2 else "")
     rf = dig(fl, "runfloor")
-    row("HTTP run floor: the same behind HTTP (a process per connection, no JSON, no records), "
+    row("HTTP run floor: the same behind HTTP (no JSON, no records, no cgroup), "
         "sequential p50 µs (info)", "", fmt_s(rf["p50_us"]) if rf else "–",
         (fmt_s(rf["p50_ratio"], 2) + "× (spawn + client), paired") if rf else "")
-    row("HTTP run floor, runs/s at 8 connections (info)", "", fmt_s(rf["c8_per_s"]) if rf else "–",
+    row("the same server at 8 connections, a process each (a reference, not a floor), runs/s (info)", "", fmt_s(rf["c8_per_s"]) if rf else "–",
         (fmt_s(rf["c8_ratio"], 2) + "× bare spawns/s, paired") if rf else "")
     for shape in SHAPES:
         row(f"producer alone, {SHAPE_LABEL[shape]}, MB/s", "", fmt_s(dig(fl, f"producer_{shape}", "mb_per_s")),

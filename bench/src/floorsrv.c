@@ -28,7 +28,8 @@
  *   answers with the run-shaped response carrying its real pid and exit code. Each
  *   connection is served by its own forked process, one request at a time: as many runs in
  *   flight as connections, and no loop ever waits for another connection's spawn. No JSON,
- *   no records, no cgroup.
+ *   no records, no cgroup. On one connection it is the floor of a run over HTTP; at several,
+ *   a pre-fork reference (its processes' vfork waits and switches cost more than one loop).
  *
  * Listens on 127.0.0.1 only.  Exits on SIGTERM/SIGINT (workers follow their parent).
  */
