@@ -441,32 +441,24 @@ class Bench:
                                               "complete_runs": sum(bool(r["complete"]) for r in runs)}
                 log(f"  client SSE decode ceiling {shape}: {fmt_s(out[f'client_sse_{shape}']['mb_per_s'])} MB/s")
                 # The wire format's floor: the producer's lines relayed as SSE events by a
-                # minimal server (no log) to the same decoding client.
-                rreq = self.reqfile(f"floor-relay-{shape}", t.raw_request("GET", f"/relay/{L}/{nb}",
-                                                                           accept="text/event-stream"))
-                runs, ratio = paired_runs(
-                    lambda L=L: self.httpload("stream", port, rreq, "--mode", "sse-line", "--expect-bytes", nb,
-                                              "--line-len", L, "--idle-timeout", 5, "--timeout", 120, timeout=180),
-                    shape)
-                out[f"sserelay_{shape}"] = {
-                    "runs": runs, "mb_per_s": summarize([r["mb_per_s"] for r in runs]),
-                    "complete_runs": sum(bool(r["complete"]) for r in runs), "ratio": ratio}
-                log(f"  SSE relay floor {shape}: {fmt_s(out[f'sserelay_{shape}']['mb_per_s'])} MB/s, "
-                    f"x producer {fmt_s(out[f'sserelay_{shape}']['ratio'], 2)}")
-                # ... and keeping every byte it read in a file, as a daemon that keeps all
-                # output with bounded memory must.
-                kreq = self.reqfile(f"floor-relaylog-{shape}", t.raw_request("GET", f"/relaylog/{L}/{nb}",
-                                                                              accept="text/event-stream"))
-                runs, ratio = paired_runs(
-                    lambda L=L: self.httpload("stream", port, kreq, "--mode", "sse-line", "--expect-bytes", nb,
-                                              "--line-len", L, "--idle-timeout", 5, "--timeout", 120, timeout=180),
-                    shape)
-                out[f"sserelaylog_{shape}"] = {
-                    "runs": runs, "mb_per_s": summarize([r["mb_per_s"] for r in runs]),
-                    "ttfb_ms": summarize([r["ttfb_s"] * 1e3 for r in runs if r.get("ttfb_s") is not None]),
-                    "complete_runs": sum(bool(r["complete"]) for r in runs), "ratio": ratio}
-                log(f"  SSE relay keeping the log {shape}: {fmt_s(out[f'sserelaylog_{shape}']['mb_per_s'])} MB/s, "
-                    f"x producer {fmt_s(out[f'sserelaylog_{shape}']['ratio'], 2)}")
+                # minimal server (no log) to the same decoding client; and the same relay
+                # keeping every byte it read in a file, as a daemon that keeps all output with
+                # bounded memory must.
+                for key, path, what in (("sserelay", "relay", "SSE relay floor"),
+                                        ("sserelaylog", "relaylog", "SSE relay keeping the log")):
+                    rreq = self.reqfile(f"floor-{path}-{shape}", t.raw_request("GET", f"/{path}/{L}/{nb}",
+                                                                                accept="text/event-stream"))
+                    runs, ratio = paired_runs(
+                        lambda L=L, rreq=rreq: self.httpload("stream", port, rreq, "--mode", "sse-line",
+                                                             "--expect-bytes", nb, "--line-len", L,
+                                                             "--idle-timeout", 5, "--timeout", 120, timeout=180),
+                        shape)
+                    out[f"{key}_{shape}"] = {
+                        "runs": runs, "mb_per_s": summarize([r["mb_per_s"] for r in runs]),
+                        "ttfb_ms": summarize([r["ttfb_s"] * 1e3 for r in runs if r.get("ttfb_s") is not None]),
+                        "complete_runs": sum(bool(r["complete"]) for r in runs), "ratio": ratio}
+                    log(f"  {what} {shape}: {fmt_s(out[f'{key}_{shape}']['mb_per_s'])} MB/s, "
+                        f"x producer {fmt_s(out[f'{key}_{shape}']['ratio'], 2)}")
         finally:
             srv.terminate()
             srv.wait(10)

@@ -147,15 +147,21 @@ def test_command_not_executable(d):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def not_a_program(tmp):
+    """A file in tmp, executable by its mode but neither ELF nor "#!"."""
+    path = os.path.join(tmp, "garbage")
+    with open(path, "wb") as f:
+        f.write(b"\x00\x01\x02 not a program\n")
+    os.chmod(path, 0o755)
+    return path
+
+
 def test_exec_format_error(d):
     # Executable by its mode but neither ELF nor "#!": only execve itself can say so (in the
     # child, after the parent's checks passed). 400, no record, nothing left behind.
     tmp = tempfile.mkdtemp(prefix="sbx-err-")
     try:
-        path = os.path.join(tmp, "garbage")
-        with open(path, "wb") as f:
-            f.write(b"\x00\x01\x02 not a program\n")
-        os.chmod(path, 0o755)
+        path = not_a_program(tmp)
         before = count(d)
         kids = set(d.descendants())
         for route in (START, "/api/v1/processes/run"):
@@ -174,10 +180,7 @@ def test_concurrent_starts_failed_and_good(d):
     # its record and its own exit code, every failed exec its 400 and no record.
     tmp = tempfile.mkdtemp(prefix="sbx-err-")
     try:
-        bad = os.path.join(tmp, "garbage")
-        with open(bad, "wb") as f:
-            f.write(b"\x00 not a program\n")
-        os.chmod(bad, 0o755)
+        bad = not_a_program(tmp)
         before = count(d)
 
         def worker(k):

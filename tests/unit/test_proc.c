@@ -761,6 +761,19 @@ static void on_started(void *arg, struct proc *p, int rc, const char *err)
     snprintf(st->err, sizeof(st->err), "%s", err != NULL ? err : "");
 }
 
+/* A table whose starts are asynchronous even with nothing else live. */
+static void h_init_async(struct h *h)
+{
+    h_init(h);
+    proc__async_always = true;
+}
+
+static void h_fini_async(struct h *h)
+{
+    proc__async_always = false;
+    h_fini(h);
+}
+
 static void wait_started(struct h *h, struct started *st, uint64_t ms)
 {
     uint64_t end = mono_ms() + ms;
@@ -775,8 +788,7 @@ TEST(proc_async_start)
     struct sp x;
     struct started st[24];
     char err[256];
-    h_init(&h);
-    proc__async_always = true;
+    h_init_async(&h);
     memset(st, 0, sizeof(st));
     /* Many in flight at once: each gets its own record, pid and exit code, however the
      * exec-status EOF and the reaping of a quick exit are ordered in the loop. */
@@ -801,8 +813,7 @@ TEST(proc_async_start)
     }
     ASSERT_EQ(proc_count_total(h.t), 24);
     ASSERT_EQ(zombie_children(), 0);
-    proc__async_always = false;
-    h_fini(&h);
+    h_fini_async(&h);
 }
 
 TEST(proc_async_exec_failure)
@@ -810,8 +821,7 @@ TEST(proc_async_exec_failure)
     struct h h;
     struct started st = {0};
     char err[256], path[128];
-    h_init(&h);
-    proc__async_always = true;
+    h_init_async(&h);
     /* Executable by its mode, but not a program: only the child's execve finds out. */
     snprintf(path, sizeof(path), "%s/garbage", h.dir);
     int fd = open(path, O_CREAT | O_WRONLY, 0755);
@@ -838,8 +848,7 @@ TEST(proc_async_exec_failure)
     memset(&st, 0, sizeof(st));
     ASSERT_EQ(proc_start_async(h.t, &s2, on_started, &st, NULL, err, sizeof(err)), -ENOENT);
     ASSERT_EQ(st.calls, 0);
-    proc__async_always = false;
-    h_fini(&h);
+    h_fini_async(&h);
 }
 
 TEST(proc_async_cancel_and_names)
@@ -849,8 +858,7 @@ TEST(proc_async_cancel_and_names)
     struct started st = {0};
     struct proc_pending *pd = NULL;
     char err[256];
-    h_init(&h);
-    proc__async_always = true;
+    h_init_async(&h);
     sh_spec(&x, "echo hi; exit 3");
     x.s.name = "job";
     ASSERT_EQ(proc_start_async(h.t, &x.s, on_started, &st, &pd, err, sizeof(err)), 0);
@@ -872,8 +880,7 @@ TEST(proc_async_cancel_and_names)
     char *out = output(p, OBUF_STDOUT, NULL);
     ASSERT_STREQ(out, "hi\n");
     free(out);
-    proc__async_always = false;
-    h_fini(&h);
+    h_fini_async(&h);
 }
 
 TEST(proc_async_shutdown_while_starting)
@@ -882,8 +889,7 @@ TEST(proc_async_shutdown_while_starting)
     struct sp x;
     struct started st = {0};
     char err[256];
-    h_init(&h);
-    proc__async_always = true;
+    h_init_async(&h);
     ASSERT_EQ(proc_start_async(h.t, sh_spec(&x, "sleep 100"), on_started, &st, NULL, err,
                                sizeof(err)), 0);
     /* Shutdown begins before the loop saw the exec: the start is refused, nothing is left. */
@@ -896,8 +902,7 @@ TEST(proc_async_shutdown_while_starting)
         ASSERT_EQ(st.rc, -ECANCELED);
         ASSERT_EQ(proc_count_total(h.t), 0);
     }
-    proc__async_always = false;
-    h_fini(&h); /* shutdown is done already: this only frees */
+    h_fini_async(&h); /* shutdown is done already: this only frees */
     ASSERT_EQ(zombie_children(), 0);
 }
 
