@@ -1226,7 +1226,8 @@ static void pending_end(struct proc_pending *pd)
         for (int i = 0; i < 3; i++)
             if (fds[i] >= 0)
                 close(fds[i]);
-        kill(-c.pid, SIGKILL);
+        if (!pd->reaped) /* else its pid may be another's already */
+            kill(-c.pid, SIGKILL);
         if (c.cg != NULL)
             proc__cg_release(t, c.cg, true);
         snprintf(err, sizeof(err), "the daemon is shutting down");
@@ -1686,7 +1687,8 @@ void proc_table_free(struct proc_table *t)
         struct proc_pending *pd = container_of(t->pending.next, struct proc_pending, link);
         int st;
         pd->cb = NULL;
-        kill(pd->pid, SIGKILL);
+        if (!pd->reaped)
+            kill(pd->pid, SIGKILL);
         while (!pd->reaped && waitpid(pd->pid, &st, 0) < 0 && errno == EINTR)
             ;
         pd->reaped = true;

@@ -357,7 +357,7 @@ struct child_args {
 /* The child's system calls: the result, or -errno. In an asynchronous spawn the daemon runs on
  * while the child makes them, in the same memory and with the same thread pointer, so a libc
  * wrapper's errno write would land in the daemon's errno: on x86-64 they are made directly
- * (and only there are spawns asynchronous, see spawn_async_ok). */
+ * (and only there are spawns asynchronous, see proc__spawn_async_ok). */
 #if defined(__x86_64__)
 #define CHILD_RAW_SYSCALLS 1
 __attribute__((no_sanitize("address", "undefined"), always_inline)) static inline long
