@@ -666,6 +666,17 @@ TEST(proc_stdin_errors)
  * Start errors
  */
 
+/* dir/name (into path) with that mode and content. */
+static void test_file(char *path, size_t cap, const char *dir, const char *name, mode_t mode,
+                      const char *content)
+{
+    snprintf(path, cap, "%s/%s", dir, name);
+    int fd = open(path, O_CREAT | O_WRONLY, mode);
+    ASSERT(fd >= 0);
+    ASSERT_EQ(write(fd, content, strlen(content)), (ssize_t)strlen(content));
+    close(fd);
+}
+
 TEST(proc_start_errors)
 {
     struct h h;
@@ -684,11 +695,7 @@ TEST(proc_start_errors)
     s.argv = argv2;
     ASSERT_EQ(proc_start(h.t, &s, &p, err, sizeof(err)), -ENOENT);
 
-    snprintf(path, sizeof(path), "%s/noexec.sh", h.dir);
-    int fd = open(path, O_CREAT | O_WRONLY, 0644);
-    ASSERT(fd >= 0);
-    ASSERT_EQ(write(fd, "#!/bin/sh\n", 10), 10);
-    close(fd);
+    test_file(path, sizeof(path), h.dir, "noexec.sh", 0644, "#!/bin/sh\n");
     char *argv3[] = {path, NULL};
     s.command = s.file = path;
     s.argv = argv3;
@@ -823,11 +830,7 @@ TEST(proc_async_exec_failure)
     char err[256], path[128];
     h_init_async(&h);
     /* Executable by its mode, but not a program: only the child's execve finds out. */
-    snprintf(path, sizeof(path), "%s/garbage", h.dir);
-    int fd = open(path, O_CREAT | O_WRONLY, 0755);
-    ASSERT(fd >= 0);
-    ASSERT_EQ(write(fd, "\x01\x02 garbage\n", 10), 10);
-    close(fd);
+    test_file(path, sizeof(path), h.dir, "garbage", 0755, "\x01\x02 garbage\n");
     char *argv[] = {path, NULL};
     struct proc_spec s = {.command = path, .argv = argv, .env = environ, .capture_stdout = true};
     ASSERT_EQ(proc_start_async(h.t, &s, on_started, &st, NULL, err, sizeof(err)), 0);
