@@ -855,7 +855,9 @@ TEST(obuf_live_reader_keeps_its_pages_cached)
         size_t pages = head / (size_t)sysconf(_SC_PAGESIZE);
         size_t in = cached_pages(path, head);
         if (with_reader) {
-            ASSERT_EQ(in, pages);
+            /* Not all: the kernel's own reclaim may take a few (this VM runs kdamond; one run
+             * in ~15 saw 994 of 1024). The store dropping them would leave under half. */
+            ASSERT(in >= pages - pages / 8);
             /* The reader moves past everything: the next chunk lets the head go. */
             struct obuf_stats st;
             obuf_get_stats(b, &st);
