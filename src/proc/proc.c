@@ -1311,21 +1311,6 @@ int proc_start_async(struct proc_table *t, const struct proc_spec *spec, proc_st
         return rc;
     }
     struct proc_pending *pd = xcalloc(1, sizeof(*pd));
-    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = pd};
-    if (epoll_ctl(t->spawn_ep, EPOLL_CTL_ADD, proc__spawn_job_fd(job), &ev) < 0) {
-        /* Cannot watch it: wait here instead (the child is about to exec or exit). */
-        struct pollfd pf = {.fd = proc__spawn_job_fd(job), .events = POLLIN};
-        free(pd);
-        while (poll(&pf, 1, -1) < 0 && errno == EINTR)
-            ;
-        if ((rc = proc__spawn_job_end(t, &p->priv->spec, job, false, &c, err, errlen)) < 0) {
-            free_record(p);
-            return rc;
-        }
-        rec_publish(t, p, &c);
-        cb(arg, p, 0, NULL);
-        return 0;
-    }
     pd->t = t;
     pd->p = p;
     pd->job = job;
@@ -1334,6 +1319,15 @@ int proc_start_async(struct proc_table *t, const struct proc_spec *spec, proc_st
     pd->arg = arg;
     list_insert_tail(&t->pending, &pd->link);
     t->n_pending++;
+    struct epoll_event ev = {.events = EPOLLIN, .data.ptr = pd};
+    if (epoll_ctl(t->spawn_ep, EPOLL_CTL_ADD, proc__spawn_job_fd(job), &ev) < 0) {
+        /* Cannot watch it: wait here instead (the child is about to exec or exit). */
+        struct pollfd pf = {.fd = proc__spawn_job_fd(job), .events = POLLIN};
+        while (poll(&pf, 1, -1) < 0 && errno == EINTR)
+            ;
+        pending_end(pd);
+        return 0;
+    }
     if (pending != NULL)
         *pending = pd;
     return 0;
