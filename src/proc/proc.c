@@ -42,7 +42,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
 #include <sys/epoll.h>
 #include <sys/prctl.h>
 #include <sys/signalfd.h>
@@ -1445,7 +1444,6 @@ static int make_dir(const char *path)
 int proc_table_new(uv_loop_t *loop, const struct proc_config *cfg, struct proc_table **ret)
 {
     struct proc_table *t = xcalloc(1, sizeof(*t));
-    long page = sysconf(_SC_PAGESIZE);
     int rc;
 
     t->loop = loop;
@@ -1479,14 +1477,10 @@ int proc_table_new(uv_loop_t *loop, const struct proc_config *cfg, struct proc_t
         t->devnull = -1;
         goto fail;
     }
-    void *stk = mmap(NULL, PROC_STACK_SIZE + (size_t)page, PROT_READ | PROT_WRITE,
-                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
-    if (stk == MAP_FAILED) {
+    if ((t->stack = proc__stack_new(PROC_STACK_SIZE)) == NULL) {
         rc = -errno;
         goto fail;
     }
-    mprotect(stk, (size_t)page, PROT_NONE); /* guard page below the stack */
-    t->stack = (char *)stk + page;
 
     /* Orphans of our trees must come to us, not to init, so they are reaped and killable. */
     if (getpid() != 1)
@@ -1555,8 +1549,7 @@ int proc_table_new(uv_loop_t *loop, const struct proc_config *cfg, struct proc_t
 fail:
     if (t->devnull >= 0)
         close(t->devnull);
-    if (t->stack != NULL)
-        munmap((char *)t->stack - page, PROC_STACK_SIZE + (size_t)page);
+    proc__stack_free(t->stack, PROC_STACK_SIZE);
     free_table(t);
     return rc;
 }
@@ -1705,9 +1698,6 @@ void proc_table_free(struct proc_table *t)
     if (t->devnull >= 0)
         close(t->devnull);
     t->devnull = -1;
-    if (t->stack != NULL) {
-        long page = sysconf(_SC_PAGESIZE);
-        munmap((char *)t->stack - page, PROC_STACK_SIZE + (size_t)page);
-        t->stack = NULL;
-    }
+    proc__stack_free(t->stack, PROC_STACK_SIZE);
+    t->stack = NULL;
 }

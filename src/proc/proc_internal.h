@@ -165,6 +165,10 @@ int proc__spawn_job_fd(const struct proc_spawn_job *j);
 int proc__spawn_job_end(struct proc_table *t, const struct proc_run_spec *s,
                         struct proc_spawn_job *j, bool reaped, struct proc_child *ret, char *err,
                         size_t errlen);
+/* A child stack of size bytes above a guard page (NULL and errno on failure), and its unmap
+ * (NULL: nothing). */
+void *proc__stack_new(size_t size);
+void proc__stack_free(void *stack, size_t size);
 /* Unmaps the pooled asynchronous-spawn stacks. */
 void proc__spawn_stacks_free(struct proc_table *t);
 /* An fd at or above 3 (dup'ing with CLOEXEC when lower). Returns the fd or -errno. */

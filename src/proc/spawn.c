@@ -815,12 +815,10 @@ bool proc__spawn_async_ok(const struct proc_table *t)
 #endif
 }
 
-static void *stack_get(struct proc_table *t)
+void *proc__stack_new(size_t size)
 {
-    if (t->nstacks > 0)
-        return t->stacks[--t->nstacks];
     long page = sysconf(_SC_PAGESIZE);
-    void *stk = mmap(NULL, PROC_ASYNC_STACK_SIZE + (size_t)page, PROT_READ | PROT_WRITE,
+    void *stk = mmap(NULL, size + (size_t)page, PROT_READ | PROT_WRITE,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
     if (stk == MAP_FAILED)
         return NULL;
@@ -828,21 +826,28 @@ static void *stack_get(struct proc_table *t)
     return (char *)stk + page;
 }
 
+void proc__stack_free(void *stack, size_t size)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    if (stack != NULL)
+        munmap((char *)stack - page, size + (size_t)page);
+}
+
+static void *stack_get(struct proc_table *t)
+{
+    return t->nstacks > 0 ? t->stacks[--t->nstacks] : proc__stack_new(PROC_ASYNC_STACK_SIZE);
+}
+
+/* At most PROC_ASYNC_MAX spawns are in flight, so the pool always has room. */
 static void stack_put(struct proc_table *t, void *stack)
 {
-    if (t->nstacks < PROC_ASYNC_MAX) {
-        t->stacks[t->nstacks++] = stack;
-        return;
-    }
-    long page = sysconf(_SC_PAGESIZE);
-    munmap((char *)stack - page, PROC_ASYNC_STACK_SIZE + (size_t)page);
+    t->stacks[t->nstacks++] = stack;
 }
 
 void proc__spawn_stacks_free(struct proc_table *t)
 {
-    long page = sysconf(_SC_PAGESIZE);
     while (t->nstacks > 0)
-        munmap((char *)t->stacks[--t->nstacks] - page, PROC_ASYNC_STACK_SIZE + (size_t)page);
+        proc__stack_free(t->stacks[--t->nstacks], PROC_ASYNC_STACK_SIZE);
 }
 
 int proc__spawn_async(struct proc_table *t, const struct proc_run_spec *s,
