@@ -20,6 +20,7 @@ target, its ratio and PASS/MISS, next to the peer's published figures.
 Only 127.0.0.1 is used.  Every loop is bounded in count and time.  Python 3 stdlib only.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -313,6 +314,7 @@ class Bench:
             self.cfg["stream_mib"] = args.stream_mib
         self.tmp = tempfile.mkdtemp(prefix="sandboxd-bench-")
         self.samples = {}
+        self.work = None  # the floor-of-work servers while sandboxd is measured (work_floor)
         self.res = {"meta": {
             "mode": "quick" if args.quick else "full", "config": self.cfg,
             "daemon": os.path.relpath(os.path.abspath(args.daemon), REPO) if args.daemon else None,
@@ -351,6 +353,46 @@ class Bench:
             return run_json(cmd, timeout=300)
         except (RuntimeError, subprocess.SubprocessError, ValueError) as e:
             log(f"  paired floor failed: {e}")
+            return None
+
+    @contextlib.contextmanager
+    def work_floor(self):
+        """The floors of the work itself, served while sandboxd is measured, so that each of its
+        repetitions can be paired with the same work done by the least program that does it,
+        measured right before (the VM's speed drifts within minutes, and the floor section runs
+        minutes earlier): `floorsrv PORT` for the SSE relay keeping every byte in a file, and
+        `floorsrv PORT spawn` for the HTTP run floor and the pre-fork reference. None with
+        --no-floor."""
+        if self.a.no_floor:
+            yield
+            return
+        srvs, ports = [], []
+        try:
+            for extra in ([], ["spawn"]):
+                port = free_port()
+                srvs.append(subprocess.Popen([os.path.join(BIN, "floorsrv"), str(port), *extra],
+                                             stdin=subprocess.DEVNULL))
+                ports.append(port)
+            for port in ports:
+                self._wait_port(port, 5)
+            t = TensorlakeDialect(Target("127.0.0.1", ports[1]))
+            self.work = {"relay_port": ports[0], "spawn_port": ports[1], "t": Target("127.0.0.1", ports[0]),
+                         "run_req": self.reqfile("work-run", t.run_request("/bin/true", []))}
+            yield
+        finally:
+            self.work = None
+            for srv in srvs:
+                srv.terminate()
+                srv.wait(10)
+
+    def work_paired(self, what, measure):
+        """measure() against a floor-of-work server (see work_floor), or None."""
+        if self.work is None:
+            return None
+        try:
+            return measure(self.work)
+        except (RuntimeError, subprocess.SubprocessError, ValueError, KeyError) as e:
+            log(f"  paired {what} failed: {e}")
             return None
 
     def httpload(self, mode, port, req, *opts, timeout=600):
@@ -519,12 +561,17 @@ class Bench:
         for i in range(c["reps"]):
             # the paired floor: bare spawn measured right before this repetition (see evaluate)
             sp = self.paired_floor([os.path.join(BIN, "physlimits"), "spawn", str(c["spawn_n"] // 2)])
+            # and the same runs through the HTTP run floor (the plumbing behind HTTP, no more)
+            wf = self.work_paired("HTTP run floor", lambda w: self.httpload(
+                "lat", w["spawn_port"], w["run_req"], "--n", c["lat_n"], "--warmup", c["warmup"], "--expect",
+                TensorlakeDialect.run_ok_marker, timeout=300))
             with CpuDelta(proc) as cd:
                 r = self.httpload("lat", d.t.port, req, "--n", c["lat_n"], "--warmup", c["warmup"], "--expect",
                                   d.run_ok_marker, "--samples", self.path(f"{tag}-lat.samples"), timeout=300)
             r["daemon_cpu_us_per_run"], r["daemon_cpu_us_per_run_ticks"], r["children_cpu_us_per_run"] = \
                 cd.per(c["lat_n"] + c["warmup"])
             r["paired_spawn_p50_us"] = sp["p50_us"] if sp else None
+            r["paired_runfloor_p50_us"] = wf["latency"]["p50_us"] if wf and not wf["bad"] else None
             runs.append(r)
             log(f"  latency: p50 {r['latency']['p50_us']} p90 {r['latency']['p90_us']} p99 {r['latency']['p99_us']} µs,"
                 f" bad {r['bad']}, reconnects {r['reconnects']}, daemon CPU/run {fmt(r['daemon_cpu_us_per_run'])} µs")
@@ -544,11 +591,15 @@ class Bench:
         for conns in (8, 32):
             runs = []
             for i in range(c["reps"]):
+                wf = self.work_paired("pre-fork reference", lambda w: self.httpload(
+                    "tput", w["spawn_port"], w["run_req"], "--conns", conns, "--duration", c["tput_s"], "--expect",
+                    TensorlakeDialect.run_ok_marker, timeout=c["tput_s"] + 120)) if conns == 8 else None
                 with CpuDelta(proc) as cd:
                     r = self.httpload("tput", d.t.port, req, "--conns", conns, "--duration", c["tput_s"],
                                       "--max-requests", 500000, "--expect", d.run_ok_marker, timeout=c["tput_s"] + 120)
                 r["daemon_cpu_us_per_run"], _, r["children_cpu_us_per_run"] = cd.per(r["completed"])
                 r["cpus_busy"] = cd.cpus_busy()
+                r["paired_prefork_per_s"] = wf["per_s"] if wf and not (wf["bad"] or wf["conn_errors"]) else None
                 runs.append(r)
                 log(f"  throughput c{conns}: {r['per_s']}/s, bad {r['bad']}, conn errors {r['conn_errors']}, "
                     f"p99 {r['latency']['p99_us']} µs, daemon CPU/run {fmt(r['daemon_cpu_us_per_run'])} µs, "
@@ -592,10 +643,17 @@ class Bench:
                             raw, opts[1] = d.follow_request(handle)
                             req = self.reqfile(f"{tag}-follow", raw)
                     pf = self.paired_floor([os.path.join(BIN, "physlimits"), "producer", str(nb), script])
+                    wf = self.work_paired("SSE relay keeping the log", lambda w: self.httpload(
+                        "stream", w["relay_port"],
+                        self.reqfile(f"work-relaylog-{shape}", w["t"].raw_request(
+                            "GET", f"/relaylog/{L}/{nb}", accept="text/event-stream")),
+                        "--mode", "sse-line", "--expect-bytes", nb, "--line-len", L, "--idle-timeout", 5,
+                        "--timeout", 120, timeout=180))
                     with CpuDelta(proc) as cd:
                         r = self.httpload("stream", d.t.port, req, *opts, timeout=400)
                     r.pop("meta", None)
                     r["paired_producer_mb_per_s"] = pf["mb_per_s"] if pf and pf.get("ok") else None
+                    r["paired_relaylog_mb_per_s"] = wf["mb_per_s"] if wf and wf["complete"] else None
                     r["daemon_cpu_s"] = cd.per(1)[0] / 1e6 if proc else None
                     r["cpus_busy"] = cd.cpus_busy()
                     if proc:
@@ -917,6 +975,15 @@ def paired(runs, value, floor):
     return statistics.median(value(x) / floor(x) for x in runs), statistics.median(floor(x) for x in runs)
 
 
+def work_row(runs, value, key):
+    """-> (the paired floor-of-work cell, the ratio cell) for runs paired by work_floor, or
+    ("–", "") when they were not (--no-floor)."""
+    pr = paired(runs or [], value, lambda x: x.get(key))
+    if not pr:
+        return "–", ""
+    return fmt(pr[1]), fmt(pr[0], 2) + "× (paired)"
+
+
 def evaluate(res):
     """-> list of target dicts: name, value, limit, ratio, target text, pass (True/False/None)."""
     fl, dm = res.get("floor", {}), res.get("daemon", {})
@@ -1087,6 +1154,9 @@ def build_table(res):
     row("sequential, one keep-alive connection, p50 µs", fmt_s(dig(dm, "latency", "p50_us")),
         fmt(t["ref"]) + " (spawn, paired, + client)" if t and t["ref"] else "–", *tgt("run_p50"),
         fmt(pp.get("lat_p50_us")), fmt_s(dig(L, "latency", "p50_us")))
+    row("the same against the HTTP run floor (the plumbing behind HTTP) measured right before each "
+        "repetition, p50 µs (info)", fmt_s(dig(dm, "latency", "p50_us")),
+        *work_row(dig(dm, "latency", "runs"), lambda x: x["latency"]["p50_us"], "paired_runfloor_p50_us"))
     row("sequential, p90 µs", fmt_s(dig(dm, "latency", "p90_us")),
         fmt(add_floor(fl, "p90_us")),
         peer=fmt(pp.get("lat_p90_us")), live_v=fmt_s(dig(L, "latency", "p90_us")))
@@ -1103,6 +1173,9 @@ def build_table(res):
     row("runs/s, 8 connections", fmt_s(dig(dm, "throughput", "c8", "per_s")),
         fmt_s(dig(fl, "spawnpar2", "per_s")) + " (spawns/s)", *tgt("c8"), fmt(pp.get("c8")),
         fmt_s(dig(L, "throughput", "c8", "per_s")))
+    row("the same against the pre-fork reference measured right before each repetition, runs/s (info)",
+        fmt_s(dig(dm, "throughput", "c8", "per_s")),
+        *work_row(dig(dm, "throughput", "c8", "runs"), lambda x: x["per_s"], "paired_prefork_per_s"))
     sp2 = med(dig(fl, "spawnpar2", "per_s"))
     c32 = med(dig(dm, "throughput", "c32", "per_s"))
     row("runs/s, 32 connections", fmt_s(dig(dm, "throughput", "c32", "per_s")),
@@ -1136,6 +1209,9 @@ def build_table(res):
                                                   f"{fmt(pp.get(f'{k}_received_pct'), 1)} % received")
                  if pp.get(f"{k}_mb_per_s") is not None else ""),
                 fmt_s(dig(L, "stream", k, "mb_per_s")))
+            row(f"the same against the SSE relay keeping every byte in a file, measured right before each "
+                f"repetition, MB/s (info)", fmt_s(dig(s, "mb_per_s")),
+                *work_row(dig(s, "runs"), lambda x: x["mb_per_s"], "paired_relaylog_mb_per_s"))
     row("CPUs busy (whole machine) during the streams, run / follow (info)",
         " / ".join(", ".join(fmt(med(dig(dm, "stream", f"{kind}_{shape}", "cpus_busy")), 2) for shape in SHAPES)
                    for kind in ("run", "follow")) if dig(dm, "stream") else "–")
@@ -1435,7 +1511,8 @@ def main():
             res["binary"] = b.binary()
             log(f"== daemon {a.daemon}: {res['binary'].get('stripped_bytes')} bytes stripped")
             try:
-                res["daemon"] = b.run_daemon()
+                with b.work_floor():
+                    res["daemon"] = b.run_daemon()
             except Exception as e:
                 res["daemon_error"] = f"{type(e).__name__}: {e}"
                 log(f"  daemon FAILED: {res['daemon_error']}")
