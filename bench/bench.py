@@ -559,12 +559,13 @@ class Bench:
         req = self.reqfile(f"{tag}-run-true", d.run_request("/bin/true", []))
         runs = []
         for i in range(c["reps"]):
-            # the paired floor: bare spawn measured right before this repetition (see evaluate)
-            sp = self.paired_floor([os.path.join(BIN, "physlimits"), "spawn", str(c["spawn_n"] // 2)])
-            # and the same runs through the HTTP run floor (the plumbing behind HTTP, no more)
+            # the same runs through the HTTP run floor (the plumbing behind HTTP, no more), first:
+            # the target's own pairing stays right before the daemon's repetition
             wf = self.work_paired("HTTP run floor", lambda w: self.httpload(
                 "lat", w["spawn_port"], w["run_req"], "--n", c["lat_n"], "--warmup", c["warmup"], "--expect",
                 TensorlakeDialect.run_ok_marker, timeout=300))
+            # the target's paired floor: bare spawn measured right before this repetition (see evaluate)
+            sp = self.paired_floor([os.path.join(BIN, "physlimits"), "spawn", str(c["spawn_n"] // 2)])
             with CpuDelta(proc) as cd:
                 r = self.httpload("lat", d.t.port, req, "--n", c["lat_n"], "--warmup", c["warmup"], "--expect",
                                   d.run_ok_marker, "--samples", self.path(f"{tag}-lat.samples"), timeout=300)
@@ -642,13 +643,15 @@ class Bench:
                             handle, _ = d.start("sh", ["-c", script])
                             raw, opts[1] = d.follow_request(handle)
                             req = self.reqfile(f"{tag}-follow", raw)
-                    pf = self.paired_floor([os.path.join(BIN, "physlimits"), "producer", str(nb), script])
+                    # the floor of the work first: the target's own pairing (the producer alone)
+                    # stays right before the daemon's run
                     wf = self.work_paired("SSE relay keeping the log", lambda w: self.httpload(
                         "stream", w["relay_port"],
                         self.reqfile(f"work-relaylog-{shape}", w["t"].raw_request(
                             "GET", f"/relaylog/{L}/{nb}", accept="text/event-stream")),
                         "--mode", "sse-line", "--expect-bytes", nb, "--line-len", L, "--idle-timeout", 5,
                         "--timeout", 120, timeout=180))
+                    pf = self.paired_floor([os.path.join(BIN, "physlimits"), "producer", str(nb), script])
                     with CpuDelta(proc) as cd:
                         r = self.httpload("stream", d.t.port, req, *opts, timeout=400)
                     r.pop("meta", None)
