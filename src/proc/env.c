@@ -19,11 +19,11 @@ static bool key_is(const char *entry, const char *key)
     return strncmp(entry, key, kl) == 0 && entry[kl] == '=';
 }
 
-static bool in_keys(const char *entry, const char *const *keys, size_t n)
+/* entry's key (its first klen bytes) is one of keys[0..n) */
+static bool in_keys(const char *entry, size_t klen, const char *const *keys, size_t n)
 {
-    size_t el = strcspn(entry, "=");
     for (size_t i = 0; i < n; i++)
-        if (strlen(keys[i]) == el && strncmp(entry, keys[i], el) == 0)
+        if (strlen(keys[i]) == klen && memcmp(entry, keys[i], klen) == 0)
             return true;
     return false;
 }
@@ -36,42 +36,123 @@ static bool key_given(const char *key, const char *const *keys, size_t n)
     return false;
 }
 
-char **proc_env_build(const char *const *keys, const char *const *vals, size_t n,
-                      const char *user, const char *home)
+static void put_var(struct strv_pack *pk, const char *key, const char *val)
 {
-    size_t nenv = 0, len = 0;
-    while (environ != NULL && environ[nenv] != NULL)
-        nenv++;
-    char **env = xcalloc(nenv + n + 4, sizeof(*env));
+    strv_pack_add(pk, key, strlen(key));
+    strv_pack_add(pk, "=", 1);
+    strv_pack_add(pk, val, strlen(val));
+    strv_pack_end(pk);
+}
+
+/* The daemon's environ, measured once: every run's environment starts from it, and it does not
+ * change while the daemon runs. It is checked at each build, pointer by pointer (setenv()
+ * and unsetenv() replace or move pointers; they never rewrite the strings), and measured
+ * again when it changed. */
+enum { ENV_ID_HOME = 1, ENV_ID_USER };
+struct env_var {
+    const char *s;
+    size_t len;     /* strlen(s) */
+    size_t klen;    /* the key's length (bytes before '=') */
+    int id;         /* ENV_ID_HOME, ENV_ID_USER (USER or LOGNAME), or 0 */
+};
+static struct {
+    char **seen;            /* environ when measured */
+    const char **ptrs;      /* its nptrs entries then */
+    size_t nptrs;
+    struct env_var *vars;   /* the entries a workload may get */
+    size_t nvars;
+    size_t bytes;           /* theirs, NULs included */
+} base;
+
+static bool base_current(void)
+{
+    if (environ != base.seen || base.ptrs == NULL)
+        return false;
+    for (size_t i = 0; i < base.nptrs; i++)
+        if (environ[i] != base.ptrs[i])
+            return false;
+    return environ == NULL || environ[base.nptrs] == NULL;
+}
+
+static void base_measure(void)
+{
+    size_t n = 0;
+    while (environ != NULL && environ[n] != NULL)
+        n++;
+    free(base.ptrs);
+    free(base.vars);
+    base.seen = environ;
+    base.nptrs = n;
+    base.ptrs = xcalloc(n + 1, sizeof(*base.ptrs));
+    base.vars = xcalloc(n + 1, sizeof(*base.vars));
+    base.nvars = base.bytes = 0;
+    for (size_t i = 0; i < n; i++) {
+        const char *e = environ[i];
+        base.ptrs[i] = e;
+        /* The daemon's own secret never reaches a workload, whoever forgot to unset it. */
+        if (strchr(e, '=') == NULL || key_is(e, "SANDBOXD_TOKEN"))
+            continue;
+        struct env_var *v = &base.vars[base.nvars++];
+        v->s = e;
+        v->len = strlen(e);
+        v->klen = strcspn(e, "=");
+        base.bytes += v->len + 1;
+        v->id = key_is(e, "HOME") ? ENV_ID_HOME
+                : key_is(e, "USER") || key_is(e, "LOGNAME") ? ENV_ID_USER : 0;
+    }
+}
+
+static void env_fill(struct strv_pack *pk, const char *const *keys, const char *const *vals,
+                     size_t n, const char *user, const char *home)
+{
     bool set_ids = home != NULL;
 
-    for (size_t i = 0; i < nenv; i++) {
-        const char *e = environ[i];
-        /* The daemon's own secret never reaches a workload, whoever forgot to unset it. */
-        if (strchr(e, '=') == NULL || in_keys(e, keys, n) || key_is(e, "SANDBOXD_TOKEN"))
+    for (size_t i = 0; i < base.nvars; i++) {
+        const struct env_var *v = &base.vars[i];
+        if (n > 0 && in_keys(v->s, v->klen, keys, n))
             continue;
-        if (set_ids && (key_is(e, "HOME") || (user != NULL && (key_is(e, "USER") ||
-                                                                 key_is(e, "LOGNAME")))))
+        if (set_ids && (v->id == ENV_ID_HOME || (user != NULL && v->id == ENV_ID_USER)))
             continue;
-        env[len++] = xstrdup(e);
+        strv_pack_add(pk, v->s, v->len);
+        strv_pack_end(pk);
     }
     for (size_t i = 0; i < n; i++) {
         bool later = false;
         for (size_t j = i + 1; j < n && !later; j++)
             later = strcmp(keys[i], keys[j]) == 0;
         if (!later) /* the last of duplicate keys wins */
-            env[len++] = xasprintf("%s=%s", keys[i], vals[i]);
+            put_var(pk, keys[i], vals[i]);
     }
     if (set_ids) {
         if (!key_given("HOME", keys, n))
-            env[len++] = xasprintf("HOME=%s", home);
+            put_var(pk, "HOME", home);
         if (user != NULL && !key_given("USER", keys, n))
-            env[len++] = xasprintf("USER=%s", user);
+            put_var(pk, "USER", user);
         if (user != NULL && !key_given("LOGNAME", keys, n))
-            env[len++] = xasprintf("LOGNAME=%s", user);
+            put_var(pk, "LOGNAME", user);
     }
-    env[len] = NULL;
-    return env;
+}
+
+/* One allocation (a packed vector, see strv_pack), not one per variable: a run's environment
+ * is built, copied into its record and freed on every start. It is sized for everything that
+ * may go in (what the request replaces is counted too), so it is filled in one pass. */
+char **proc_env_build(const char *const *keys, const char *const *vals, size_t n,
+                      const char *user, const char *home)
+{
+    struct strv_pack pk = {0};
+    if (!base_current())
+        base_measure();
+    pk.n = base.nvars + n + 3;
+    pk.bytes = base.bytes;
+    for (size_t i = 0; i < n; i++)
+        pk.bytes += strlen(keys[i]) + strlen(vals[i]) + 2;
+    if (home != NULL)
+        pk.bytes += strlen(home) + sizeof("HOME=");
+    if (home != NULL && user != NULL)
+        pk.bytes += 2 * strlen(user) + sizeof("USER=") + sizeof("LOGNAME=");
+    strv_pack_alloc(&pk);
+    env_fill(&pk, keys, vals, n, user, home);
+    return strv_pack_done(&pk);
 }
 
 void proc_env_free(char **env)

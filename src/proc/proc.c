@@ -1681,7 +1681,7 @@ void proc_table_free(struct proc_table *t)
         pd->reaped = true;
         pending_end(pd); /* frees the record: t->freeing */
     }
-    proc__spawn_stacks_free(t);
+    proc__spawn_pools_free(t);
     if (t->spawn_ep >= 0) {
         uv_close((uv_handle_t *)&t->spawn_poll, on_table_handle_close);
         close(t->spawn_ep); /* libuv is done with it: uv_close stopped the poll */

@@ -169,8 +169,8 @@ int proc__spawn_job_end(struct proc_table *t, const struct proc_run_spec *s,
  * (NULL: nothing). */
 void *proc__stack_new(size_t size);
 void proc__stack_free(void *stack, size_t size);
-/* Unmaps the pooled asynchronous-spawn stacks. */
-void proc__spawn_stacks_free(struct proc_table *t);
+/* Frees the pooled asynchronous-spawn stacks and jobs. */
+void proc__spawn_pools_free(struct proc_table *t);
 /* An fd at or above 3 (dup'ing with CLOEXEC when lower). Returns the fd or -errno. */
 int proc__fd_above_stdio(int fd);
 
@@ -239,6 +239,8 @@ struct proc_table {
     void *stack;              /* clone child stack, PROC_STACK_SIZE + guard page */
     void *stacks[PROC_ASYNC_MAX]; /* free asynchronous-spawn stacks */
     unsigned nstacks;
+    struct proc_spawn_job *jobs[PROC_ASYNC_MAX]; /* free asynchronous-spawn jobs */
+    unsigned njobs;
     struct list pending;      /* proc_start_async() spawns not yet exec'd (struct proc_pending) */
     unsigned n_pending;
     int spawn_ep;             /* epoll set of their exec-status pipes, or -1: no async starts */

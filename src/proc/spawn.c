@@ -844,22 +844,38 @@ static void stack_put(struct proc_table *t, void *stack)
     t->stacks[t->nstacks++] = stack;
 }
 
-void proc__spawn_stacks_free(struct proc_table *t)
+/* Jobs are pooled like the stacks: a job is over 4 KiB (its path buffer), and glibc's malloc
+ * consolidates all its small free chunks before every request of that size (measured:
+ * malloc_consolidate 1.5 % of the daemon's CPU at 8 connections). job_prepare() sets every
+ * field, so a job needs no zeroing. */
+static struct proc_spawn_job *job_get(struct proc_table *t)
+{
+    return t->njobs > 0 ? t->jobs[--t->njobs] : xmalloc(sizeof(struct proc_spawn_job));
+}
+
+static void job_put(struct proc_table *t, struct proc_spawn_job *j)
+{
+    t->jobs[t->njobs++] = j;
+}
+
+void proc__spawn_pools_free(struct proc_table *t)
 {
     while (t->nstacks > 0)
         proc__stack_free(t->stacks[--t->nstacks], PROC_ASYNC_STACK_SIZE);
+    while (t->njobs > 0)
+        free(t->jobs[--t->njobs]);
 }
 
 int proc__spawn_async(struct proc_table *t, const struct proc_run_spec *s,
                       struct proc_spawn_job **ret, char *err, size_t errlen)
 {
-    struct proc_spawn_job *j = xcalloc(1, sizeof(*j));
+    struct proc_spawn_job *j = job_get(t);
     int st[2] = {-1, -1};
     sigset_t all, old;
     int rc;
 
     if ((rc = job_prepare(t, s, j, err, errlen)) < 0) {
-        free(j);
+        job_put(t, j);
         return rc;
     }
     int e = 0;
@@ -871,7 +887,7 @@ int proc__spawn_async(struct proc_table *t, const struct proc_run_spec *s,
         if (j->stack != NULL)
             stack_put(t, j->stack);
         rc = job_clone_failed(t, j, e, err, errlen);
-        free(j);
+        job_put(t, j);
         return rc;
     }
     sigfillset(&all);
@@ -884,7 +900,7 @@ int proc__spawn_async(struct proc_table *t, const struct proc_run_spec *s,
         close(st[0]);
         stack_put(t, j->stack);
         rc = job_clone_failed(t, j, (int)-pid, err, errlen);
-        free(j);
+        job_put(t, j);
         return rc;
     }
     j->pid = (pid_t)pid;
@@ -910,6 +926,6 @@ int proc__spawn_job_end(struct proc_table *t, const struct proc_run_spec *s,
     close_fd(&j->status_fd);
     stack_put(t, j->stack); /* the child has left it: exec'd or exited */
     int rc = job_finish(t, s, j, reaped, ret, err, errlen);
-    free(j);
+    job_put(t, j);
     return rc;
 }

@@ -268,24 +268,56 @@ bool ct_equal(const void *a, size_t alen, const void *b, size_t blen)
     return diff == 0;
 }
 
+void strv_pack_add(struct strv_pack *pk, const char *s, size_t len)
+{
+    if (pk->v != NULL) {
+        memcpy(pk->p, s, len);
+        pk->p += len;
+    }
+    pk->bytes += len;
+}
+
+void strv_pack_end(struct strv_pack *pk)
+{
+    if (pk->v != NULL) {
+        *pk->p++ = '\0';
+        pk->v[pk->n] = pk->cur;
+        pk->cur = pk->p;
+    }
+    pk->bytes++;
+    pk->n++;
+}
+
+void strv_pack_alloc(struct strv_pack *pk)
+{
+    size_t ptrs = (pk->n + 1) * sizeof(char *);
+    pk->v = xmalloc(ptrs + pk->bytes);
+    pk->cur = pk->p = (char *)pk->v + ptrs;
+    pk->n = pk->bytes = 0;
+}
+
+char **strv_pack_done(struct strv_pack *pk)
+{
+    pk->v[pk->n] = NULL;
+    return pk->v;
+}
+
 char **strv_dup(char *const *v)
 {
-    size_t n = 0;
-    if (v != NULL)
-        while (v[n] != NULL)
-            n++;
-    char **r = xcalloc(n + 1, sizeof(*r));
-    for (size_t i = 0; i < n; i++)
-        r[i] = xstrdup(v[i]);
-    return r;
+    struct strv_pack pk = {0};
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1)
+            strv_pack_alloc(&pk);
+        for (size_t i = 0; v != NULL && v[i] != NULL; i++) {
+            strv_pack_add(&pk, v[i], strlen(v[i]));
+            strv_pack_end(&pk);
+        }
+    }
+    return strv_pack_done(&pk);
 }
 
 void strv_free(char **v)
 {
-    if (v == NULL)
-        return;
-    for (size_t i = 0; v[i] != NULL; i++)
-        free(v[i]);
     free(v);
 }
 

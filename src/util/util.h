@@ -88,10 +88,25 @@ void fatal(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn))
 void fatalx(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
 
 /* ---- small string helpers ---- */
-/* Deep copy of a NULL-terminated string vector (NULL gives an empty one); strv_free frees
- * such a copy (accepts NULL). */
+/* Deep copy of a NULL-terminated string vector (NULL gives an empty one) in one allocation:
+ * the pointers, then the strings. strv_free frees such a copy (accepts NULL). */
 char **strv_dup(char *const *v);
 void strv_free(char **v);
+/* Building such a packed vector piece by piece: the first pass (v == NULL) only counts what
+ * the strings and their pieces need (or the caller sets n and bytes to bounds of it);
+ * strv_pack_alloc() then allocates, and the same calls made again fill it. A string is one or
+ * more strv_pack_add() pieces ended by strv_pack_end(). */
+struct strv_pack {
+    char **v;       /* NULL while counting */
+    char *cur;      /* the string being added */
+    char *p;        /* where its next byte goes */
+    size_t n;       /* strings ended */
+    size_t bytes;   /* string bytes, NULs included */
+};
+void strv_pack_add(struct strv_pack *pk, const char *s, size_t len);
+void strv_pack_end(struct strv_pack *pk);
+void strv_pack_alloc(struct strv_pack *pk);  /* resets the counts for the filling pass */
+char **strv_pack_done(struct strv_pack *pk); /* the NULL-terminated vector */
 bool str_is_digits(const char *s);                        /* non-empty, all ASCII digits */
 int parse_u64(const char *s, size_t n, uint64_t *ret);    /* 0 or -EINVAL / -ERANGE */
 /* Percent-decodes src[0..n) into a new string; -EINVAL on a bad escape or an embedded NUL. */

@@ -1626,6 +1626,56 @@ TEST(proc_stop_grace_covers_tree)
     h_fini(&h);
 }
 
+static bool env_has(char **env, const char *entry)
+{
+    for (char **e = env; *e != NULL; e++)
+        if (strcmp(*e, entry) == 0)
+            return true;
+    return false;
+}
+
+/* The daemon's environ is measured once and reused; a change to it is seen by the next build. */
+TEST(proc_env_follows_environ_changes)
+{
+    setenv("PROC_TEST_C", "one", 1);
+    char **env = proc_env_build(NULL, NULL, 0, NULL, NULL);
+    ASSERT(env_has(env, "PROC_TEST_C=one"));
+    proc_env_free(env);
+    env = proc_env_build(NULL, NULL, 0, NULL, NULL); /* unchanged: the same content */
+    ASSERT(env_has(env, "PROC_TEST_C=one"));
+    proc_env_free(env);
+
+    setenv("PROC_TEST_C", "two", 1); /* replaced in place */
+    env = proc_env_build(NULL, NULL, 0, NULL, NULL);
+    ASSERT(env_has(env, "PROC_TEST_C=two") && !env_has(env, "PROC_TEST_C=one"));
+    proc_env_free(env);
+
+    for (int i = 0; i < 40; i++) { /* added: environ grows (and moves) */
+        char k[32];
+        snprintf(k, sizeof(k), "PROC_TEST_N%d", i);
+        setenv(k, "x", 1);
+    }
+    env = proc_env_build(NULL, NULL, 0, NULL, NULL);
+    ASSERT(env_has(env, "PROC_TEST_N0=x") && env_has(env, "PROC_TEST_N39=x"));
+    proc_env_free(env);
+
+    unsetenv("PROC_TEST_C");
+    for (int i = 0; i < 40; i++) {
+        char k[32];
+        snprintf(k, sizeof(k), "PROC_TEST_N%d", i);
+        unsetenv(k);
+    }
+    env = proc_env_build(NULL, NULL, 0, NULL, NULL);
+    for (char **e = env; *e != NULL; e++)
+        ASSERT(strncmp(*e, "PROC_TEST_C=", 12) != 0 && strncmp(*e, "PROC_TEST_N", 11) != 0);
+    if (getenv("PATH") != NULL) { /* what was not touched is still there */
+        char path[4096];
+        snprintf(path, sizeof(path), "PATH=%s", getenv("PATH"));
+        ASSERT(env_has(env, path));
+    }
+    proc_env_free(env);
+}
+
 TEST(proc_env_no_daemon_token)
 {
     setenv("SANDBOXD_TOKEN", "secret", 1);

@@ -160,6 +160,43 @@ TEST(util_pct_decode)
     ASSERT_STREQ(s, "untouched");
 }
 
+TEST(util_strv_dup_packed)
+{
+    char *src[] = {"one", "", "three=3", NULL};
+    char **v = strv_dup(src);
+    ASSERT(v[0] != src[0]);
+    ASSERT_STREQ(v[0], "one");
+    ASSERT_STREQ(v[1], "");
+    ASSERT_STREQ(v[2], "three=3");
+    ASSERT(v[3] == NULL);
+    /* One allocation: the strings follow the pointers, in order. */
+    ASSERT((char *)v[0] == (char *)(v + 4));
+    ASSERT(v[1] == v[0] + 4 && v[2] == v[1] + 1);
+    strv_free(v);
+
+    char **e = strv_dup(NULL);
+    ASSERT(e[0] == NULL);
+    strv_free(e);
+    strv_free(NULL);
+
+    /* Pieces: a string made of several adds, counted then filled. */
+    struct strv_pack pk = {0};
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1)
+            strv_pack_alloc(&pk);
+        strv_pack_add(&pk, "KEY", 3);
+        strv_pack_add(&pk, "=", 1);
+        strv_pack_add(&pk, "value", 5);
+        strv_pack_end(&pk);
+        strv_pack_end(&pk); /* an empty one */
+    }
+    char **kv = strv_pack_done(&pk);
+    ASSERT_STREQ(kv[0], "KEY=value");
+    ASSERT_STREQ(kv[1], "");
+    ASSERT(kv[2] == NULL);
+    strv_free(kv);
+}
+
 TEST(util_ct_equal)
 {
     ASSERT(ct_equal("secret", 6, "secret", 6));
