@@ -774,7 +774,7 @@ class Bench:
                 log(f"== {name}")
                 t0 = time.time()
                 try:
-                    if self.a.perf and name in ("latency", "stream"):
+                    if self.a.perf and name in ("latency", "throughput", "stream"):
                         with Perf(proc.pid, self.path(f"perf-{name}.data"), self.res, name, self.a.out_dir):
                             out[name] = getattr(self, name)(d, proc, "d")
                     else:
@@ -880,9 +880,30 @@ class Perf:
                              capture_output=True, text=True, timeout=120).stdout
         lines = [ln for ln in rep.splitlines() if ln.strip() and not ln.startswith("#")]
         self.res.setdefault("profile", {})[self.name] = lines[:60]
+        # The same samples by where the daemon entered the kernel: each syscall's share
+        # including everything under it (scheduling, softirqs run on its way out), and the
+        # share spent in user space (the daemon's code and its libraries).
+        inc = subprocess.run(["perf", "report", "-i", self.path, "--children", "--stdio", "--sort", "sym",
+                              "-g", "none", "--percent-limit", "0.3"],
+                             capture_output=True, text=True, timeout=120).stdout
+        by_sys = []
+        for ln in inc.splitlines():
+            m = re.match(r"\s*([\d.]+)%\s+([\d.]+)%\s+\[k\]\s+(?:__x64_sys_|__do_sys_|ksys_)(\w+)", ln)
+            name = m.group(3).removesuffix("_64") if m else None  # ksys_fadvise64_64 is fadvise64
+            if m and not any(n == name for _, n in by_sys):
+                by_sys.append((float(m.group(1)), name))
+        user = subprocess.run(["perf", "report", "-i", self.path, "--no-children", "--stdio", "--sort", "dso",
+                               "-g", "none"], capture_output=True, text=True, timeout=120).stdout
+        user_pct = sum(float(m.group(1)) for m in re.finditer(r"^\s*([\d.]+)%\s+(\S+)", user, re.M)
+                       if not m.group(2).startswith("[kernel"))
+        summary = [f"{pct:5.1f}%  {name}" for pct, name in sorted(by_sys, reverse=True)]
+        summary.append(f"{user_pct:5.1f}%  user space (the daemon's code, libc)")
+        summary.append(f"{max(0.0, 100 - user_pct - sum(p for p, _ in by_sys)):5.1f}%  the rest of the kernel "
+                       f"(faults, interrupts, syscalls under 0.3 %)")
+        self.res["profile"][self.name + "_by_syscall"] = summary
         os.makedirs(self.outdir, exist_ok=True)
         with open(os.path.join(self.outdir, f"profile-{self.name}.txt"), "w") as f:
-            f.write(rep)
+            f.write("# by syscall (inclusive), then user space\n" + "\n".join(summary) + "\n\n" + rep)
         return False
 
 
@@ -1494,7 +1515,7 @@ def main():
     ap.add_argument("--peer", action="store_true",
                     help=f"also run the peer via {os.path.relpath(PEER_START, REPO)} (installs it with npm)")
     ap.add_argument("--peer-json", default=PEER_JSON, help="the peer's published results")
-    ap.add_argument("--perf", action="store_true", help="perf-record the daemon during latency and stream; "
+    ap.add_argument("--perf", action="store_true", help="perf-record the daemon during latency, throughput and stream; "
                     "reports in results/profile-*.txt")
     ap.add_argument("--note", default=None, help="a line for the header of latest.md (e.g. how the daemon was built)")
     ap.add_argument("--out-dir", default=os.path.join(HERE, "results"))
