@@ -8,8 +8,9 @@
  * aborted; c->in is capped, past that reading stops until the request completes.
  *
  * Writes: c->out is filled by http/response.c, c->wr is on the wire. When the write
- * completes the two swap, so at most one uv_write is in flight and everything queued in the
- * meantime leaves in one go. A request completes once its answer is queued and both buffers
+ * completes the two swap, so at most one write is in flight and everything queued in the
+ * meantime leaves in one go. A write goes to the socket first (uv_try_write); only what it
+ * does not take at once becomes a uv_write; one it takes whole completes at the next turn. A request completes once its answer is queued and both buffers
  * are empty; only then is the next pipelined request parsed.
  *
  * Teardown (redis freeClientAsync, libuv close rules): srv__conn_close() marks the conn
@@ -255,6 +256,26 @@ static void maybe_finish(struct http_conn *c)
 
 /* ---- writing ---- */
 
+/* What follows a finished write: send what queued up meanwhile, let a stream that was held
+ * for back-pressure go on, complete an answered request. Never runs inside a handler's call:
+ * from on_write, or from the kick after a write the socket took at once. */
+static void write_done(struct http_conn *c)
+{
+    c->last_progress = now(c);
+    srv__conn_flush(c);
+    if (c->closing)
+        return;
+    if (c->above_high && c->rstate == HTTP_RS_STREAM &&
+        http_stream_queued(&c->p.req) < HTTP_STREAM_HIGH / 4) {
+        c->above_high = false;
+        if (c->ops != NULL && c->ops->on_drain != NULL)
+            c->ops->on_drain(&c->p.req, c->ops_arg);
+        if (c->closing)
+            return;
+    }
+    maybe_finish(c);
+}
+
 static void on_write(uv_write_t *req, int status)
 {
     struct http_conn *c = container_of(req, struct http_conn, wreq);
@@ -268,17 +289,7 @@ static void on_write(uv_write_t *req, int status)
         srv__conn_close(c);
         return;
     }
-    c->last_progress = now(c);
-    srv__conn_flush(c);
-    if (c->above_high && c->rstate == HTTP_RS_STREAM &&
-        http_stream_queued(&c->p.req) < HTTP_STREAM_HIGH / 4) {
-        c->above_high = false;
-        if (c->ops != NULL && c->ops->on_drain != NULL)
-            c->ops->on_drain(&c->p.req, c->ops_arg);
-        if (c->closing)
-            return;
-    }
-    maybe_finish(c);
+    write_done(c);
     if (!c->closing)
         timer_update(c);
 }
@@ -292,7 +303,29 @@ void srv__conn_flush(struct http_conn *c)
     c->out = t;
     c->out.len = 0;
     uv_buf_t b = uv_buf_init(c->wr.buf, (unsigned int)c->wr.len);
-    int rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write);
+    /* The socket first: what it takes at once needs no write request. A uv_write that
+     * completes costs libuv an epoll_ctl (uv__drain stops POLLOUT even when it was never
+     * started): one syscall per answer, and per write of a stream. Such a write still
+     * counts as in flight (c->writing, with c->wr empty) until the kick, in the next loop
+     * turn, completes it as on_write would: what this turn queues meanwhile leaves in one
+     * write then, as before. */
+    int rc = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
+    if (rc == (int)b.len) {
+        c->wr.len = 0;
+        c->writing = true;
+        srv__conn_kick(c, 0);
+        return;
+    }
+    if (rc > 0) {
+        b.base += rc;
+        b.len -= (size_t)rc;
+    } else if (rc != UV_EAGAIN) {
+        log_debug("conn %llu: write: %s", (unsigned long long)c->id, uv_strerror(rc));
+        c->wr.len = 0;
+        close_later(c);
+        return;
+    }
+    rc = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, &b, 1, on_write);
     if (rc < 0) {
         log_debug("conn %llu: uv_write: %s", (unsigned long long)c->id, uv_strerror(rc));
         c->wr.len = 0;
@@ -511,8 +544,13 @@ static void on_timer(uv_timer_t *t)
         }
         return;
     case HTTP_T_KICK:
-        srv__conn_flush(c);
-        maybe_finish(c);
+        if (c->writing && c->wr.len == 0)
+            c->writing = false;   /* the socket took it at once: completed here */
+        if (!c->writing) {
+            write_done(c);
+            if (c->closing)
+                return;
+        }
         break;
     }
     if (!c->closing)

@@ -115,7 +115,8 @@ struct http_conn {
     uint8_t rstate;              /* enum http_rstate */
     uint8_t tmode;               /* enum http_tmode */
     uint8_t nopen;               /* handles not yet closed */
-    bool writing;
+    bool writing;                /* a write is in flight; c->wr empty: the socket took it at
+                                    once, the kick completes it */
     bool reading;
     bool closing;
     bool orphan;
