@@ -770,6 +770,7 @@ static void h_exec(struct app *app, struct http_req *r)
     spec.file = argv[0];
     spec.argv = (char *const *)argv;
     spec.env = env;
+    spec.env_give = &env;
     spec.cwd = cwd;
     spec.cwd_display = cwd ? cwd : "";
     spec.stdin_mode = PROC_STDIN_CLOSED;

@@ -365,6 +365,7 @@ static void start_from_request(struct app *app, struct http_req *r, bool run)
     spec.argv = (char *const *)q.argv;
     spec.args = (char *const *)q.argv + 1;
     spec.env = env;
+    spec.env_give = &env;
     spec.cwd = q.cwd;
     spec.cwd_display = q.cwd;
     spec.stdin_mode = run ? PROC_STDIN_CLOSED : q.stdin_mode;

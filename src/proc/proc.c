@@ -85,6 +85,7 @@ static void kill_tree(struct proc *p, int sig);
 static void free_table(struct proc_table *t)
 {
     free(t->out_dir);
+    free(t->log_prefix);
     free((char *)t->cfg.state_dir);
     free(t);
 }
@@ -1143,8 +1144,14 @@ static void rec_publish(struct proc_table *t, struct proc *p, const struct proc_
 
     p->handle = ++t->next_handle;
     p->created_ms = now_ms();
-    snprintf(path, sizeof(path), "%s/%d-%llu.log", t->out_dir, (int)t->self_pid,
-             (unsigned long long)p->handle);
+    if (t->log_prefix_len + 20 + sizeof(".log") <= sizeof(path)) { /* no printf per start */
+        size_t n = t->log_prefix_len;
+        memcpy(path, t->log_prefix, n);
+        n += u64_dec(path + n, p->handle);
+        memcpy(path + n, ".log", sizeof(".log"));
+    } else {
+        snprintf(path, sizeof(path), "%s%llu.log", t->log_prefix, (unsigned long long)p->handle);
+    }
     p->out = obuf_new(path, t->cfg.max_output_bytes);
 
     uv_timer_init(t->loop, &pv->timeout_timer);
@@ -1468,6 +1475,8 @@ int proc_table_new(uv_loop_t *loop, const struct proc_config *cfg, struct proc_t
         list_init(&t->pid_map[i]);
 
     t->out_dir = xasprintf("%s/out", t->cfg.state_dir);
+    t->log_prefix = xasprintf("%s/%d-", t->out_dir, (int)t->self_pid);
+    t->log_prefix_len = strlen(t->log_prefix);
     if ((rc = make_dir(t->cfg.state_dir)) < 0 || (rc = make_dir(t->out_dir)) < 0)
         goto fail;
     clean_out_dir(t);

@@ -90,13 +90,18 @@ struct proc_watch {
     void *arg;
 };
 
-/* Everything proc_start() needs. The core deep-copies it; the caller keeps ownership. */
+/* Everything proc_start() needs. The core deep-copies it; the caller keeps ownership, except
+ * of an environment it hands over through env_give. */
 struct proc_spec {
     const char *command;        /* as requested (display); also the file if file is NULL */
     const char *file;           /* executable to run; no '/' => looked up on env's PATH */
     char *const *argv;          /* full argv incl. argv[0], NULL-terminated */
     char *const *args;          /* display args (request's args, without argv[0]), NULL-term.; may be NULL */
     char *const *env;           /* complete environment, NULL-terminated (see proc_env_build) */
+    char ***env_give;           /* optional: where the caller holds env, a vector of
+                                 * proc_env_build(); a record that keeps env takes it from
+                                 * there (sets *env_give to NULL) instead of copying it. The
+                                 * caller frees what is left, as it would have. */
     const char *cwd;            /* NULL: the daemon's cwd */
     bool set_user;              /* switch to uid/gid/groups below (needs root) */
     uid_t uid;

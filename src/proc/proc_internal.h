@@ -221,6 +221,8 @@ struct proc_table {
     uv_loop_t *loop;
     struct proc_config cfg;   /* state_dir copied */
     char *out_dir;
+    char *log_prefix;         /* "<out_dir>/<self_pid>-": a log is this, its handle, ".log" */
+    size_t log_prefix_len;
     pid_t self_pid;
     uint64_t next_handle;
     struct list procs;        /* every record, oldest first */

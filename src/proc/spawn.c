@@ -87,7 +87,12 @@ int proc__spec_copy(const struct proc_spec *in, struct proc_run_spec *out, char 
     }
     out->file = xstrdup(file);
     out->argv = strv_dup(in->argv);
-    out->env = strv_dup(in->env != NULL ? in->env : environ);
+    if (in->env != NULL && in->env_give != NULL && *in->env_give == (char **)in->env) {
+        out->env = *in->env_give;   /* one sized allocation, as strv_dup() would make it */
+        *in->env_give = NULL;
+    } else {
+        out->env = strv_dup(in->env != NULL ? in->env : environ);
+    }
     out->cwd = in->cwd != NULL && in->cwd[0] != '\0' ? xstrdup(in->cwd) : NULL;
     /* Not root and already that user: nothing to switch. */
     out->set_user = in->set_user && geteuid() == 0;

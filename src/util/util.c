@@ -321,15 +321,22 @@ void strv_free(char **v)
     free(v);
 }
 
-void sbuf_put_u64(struct sbuf *sb, uint64_t v)
+size_t u64_dec(char dst[20], uint64_t v)
 {
-    char tmp[24];
+    char tmp[20];
     size_t i = sizeof(tmp);
     do {
         tmp[--i] = (char)('0' + v % 10);
         v /= 10;
     } while (v != 0);
-    sbuf_append(sb, tmp + i, sizeof(tmp) - i);
+    memcpy(dst, tmp + i, sizeof(tmp) - i);
+    return sizeof(tmp) - i;
+}
+
+void sbuf_put_u64(struct sbuf *sb, uint64_t v)
+{
+    char tmp[20];
+    sbuf_append(sb, tmp, u64_dec(tmp, v));
 }
 
 void sbuf_put_i64(struct sbuf *sb, int64_t v)

@@ -50,6 +50,7 @@ void sbuf_printf(struct sbuf *sb, const char *fmt, ...) __attribute__((format(pr
 void sbuf_vprintf(struct sbuf *sb, const char *fmt, va_list ap);
 char *sbuf_steal(struct sbuf *sb);               /* returns buf (caller frees), sb becomes empty */
 void sbuf_put_u64(struct sbuf *sb, uint64_t v);  /* decimal, no printf on hot paths */
+size_t u64_dec(char dst[20], uint64_t v);        /* v's decimal digits at dst (no NUL); count */
 void sbuf_put_i64(struct sbuf *sb, int64_t v);
 
 /* ---- intrusive doubly linked circular list (libuv QUEUE / h2o linklist) ---- */

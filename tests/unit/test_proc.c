@@ -1676,6 +1676,53 @@ TEST(proc_env_follows_environ_changes)
     proc_env_free(env);
 }
 
+/* A record takes an environment handed over through env_give instead of copying it; a start
+ * that fails leaves nothing behind (ASan: no leak, no double free), and a vector that is not
+ * the one in env is copied, not taken. */
+TEST(proc_env_given_is_taken)
+{
+    struct h h;
+    struct sp x;
+    struct proc *p = NULL;
+    char err[256];
+    h_init(&h);
+
+    const char *keys[] = {"GIVEN_VAR"}, *vals[] = {"given value"};
+    char **env = proc_env_build(keys, vals, 1, NULL, NULL);
+    sh_spec(&x, "echo \"$GIVEN_VAR\"");
+    x.s.env = env;
+    x.s.env_give = &env;
+    p = start_ok(&h, &x.s);
+    ASSERT(env == NULL);
+    wait_done(&h, p, 5000);
+    char *out = output(p, OBUF_STDOUT, NULL);
+    ASSERT_STREQ(out, "given value\n");
+    free(out);
+
+    env = proc_env_build(keys, vals, 1, NULL, NULL);
+    char *argv[] = {"no-such-command-xyz", NULL};
+    struct proc_spec s = {.command = "no-such-command-xyz", .argv = argv, .env = env,
+                          .env_give = &env};
+    ASSERT_EQ(proc_start(h.t, &s, &p, err, sizeof(err)), -ENOENT);
+    proc_env_free(env);   /* NULL if the failed record took it and freed it */
+
+    env = proc_env_build(keys, vals, 1, NULL, NULL);
+    char **other = proc_env_build(NULL, NULL, 0, NULL, NULL);
+    sh_spec(&x, "echo \"${GIVEN_VAR-unset}\"");
+    x.s.env = other;
+    x.s.env_give = &env;   /* not the vector in env: copied */
+    p = start_ok(&h, &x.s);
+    ASSERT(env != NULL);
+    wait_done(&h, p, 5000);
+    out = output(p, OBUF_STDOUT, NULL);
+    ASSERT_STREQ(out, "unset\n");
+    free(out);
+    proc_env_free(env);
+    proc_env_free(other);
+    ASSERT_EQ(proc_count_total(h.t), 2);
+    h_fini(&h);
+}
+
 TEST(proc_env_no_daemon_token)
 {
     setenv("SANDBOXD_TOKEN", "secret", 1);

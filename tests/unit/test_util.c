@@ -85,6 +85,26 @@ TEST(util_sbuf_printf)
     free(a);
 }
 
+/* Decimal digits without printf: both ends of the range, and into an sbuf. */
+TEST(util_u64_dec)
+{
+    char d[20];
+    ASSERT_EQ(u64_dec(d, 0), 1);
+    ASSERT_EQ(d[0], '0');
+    ASSERT_EQ(u64_dec(d, 1234567890), 10);
+    ASSERT(memcmp(d, "1234567890", 10) == 0);
+    ASSERT_EQ(u64_dec(d, UINT64_MAX), 20);
+    ASSERT(memcmp(d, "18446744073709551615", 20) == 0);
+
+    struct sbuf sb = SBUF_INIT;
+    sbuf_puts(&sb, "x");
+    sbuf_put_u64(&sb, 42);
+    sbuf_put_i64(&sb, -7);
+    sbuf_put_u64(&sb, UINT64_MAX);
+    ASSERT_STREQ(sb.buf, "x42-718446744073709551615");
+    sbuf_free(&sb);
+}
+
 TEST(util_xalloc)
 {
     char *p = xstrndup("abcdef", 3);
