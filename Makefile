@@ -14,6 +14,12 @@ CPPFLAGS_ALL := -D_GNU_SOURCE -Isrc -I$(LLHTTP_INC)
 CFLAGS_ALL   := -std=c17 $(OPT) $(WARN) $(WERROR) -fno-strict-aliasing $(EXTRA_CFLAGS)
 LDLIBS_ALL   := -Wl,-Bstatic -luv_a -ljansson -Wl,-Bdynamic
 
+# Release objects carry no unwind tables (C needs none; debuggers and perf read .debug_frame
+# from the unstripped binary) and one section per function, so the link drops what nothing
+# calls: the binary's mapped pages are most of the idle daemon's RSS (docs/decisions.md).
+REL_CFLAGS  := -fno-asynchronous-unwind-tables -fno-unwind-tables -ffunction-sections -fdata-sections
+REL_LDFLAGS := -Wl,--gc-sections
+
 SAN_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 
 # Everything under src/ except main.c is the library the daemon and the unit tests share.
@@ -43,17 +49,17 @@ deps:
 # ---- release build ----
 $(BUILD)/obj/%.o: %.c $(wildcard src/*/*.h)
 	@mkdir -p $(dir $@)
-	$(CC) $(CPPFLAGS_ALL) $(CFLAGS_ALL) -c -o $@ $<
+	$(CC) $(CPPFLAGS_ALL) $(CFLAGS_ALL) $(REL_CFLAGS) -c -o $@ $<
 
 $(BUILD)/obj/llhttp/%.o: $(LLHTTP_SRC)/%.c
 	@mkdir -p $(dir $@)
-	$(CC) -I$(LLHTTP_INC) -O2 -g -w -c -o $@ $<
+	$(CC) -I$(LLHTTP_INC) -O2 -g -w $(REL_CFLAGS) -c -o $@ $<
 
 LIB_OBJ    := $(LIB_SRC:%.c=$(BUILD)/obj/%.o) $(patsubst $(LLHTTP_SRC)/%.c,$(BUILD)/obj/llhttp/%.o,$(LLHTTP_C))
 UNIT_OBJ   := $(UNIT_SRC:%.c=$(BUILD)/obj/%.o)
 
 $(BUILD)/sandboxd: $(BUILD)/obj/src/main.o $(LIB_OBJ)
-	$(CC) $(CFLAGS_ALL) -o $@ $^ $(LDLIBS_ALL)
+	$(CC) $(CFLAGS_ALL) $(REL_LDFLAGS) -o $@ $^ $(LDLIBS_ALL)
 
 $(BUILD)/test_unit: $(UNIT_OBJ) $(LIB_OBJ)
 	$(CC) $(CFLAGS_ALL) -o $@ $^ $(LDLIBS_ALL)
