@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <malloc.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -245,6 +246,15 @@ int main(int argc, char **argv)
     if (mkdir(state_dir, 0700) < 0 && errno != EEXIST)
         fatal("cannot create state dir %s", state_dir);
     pcfg.state_dir = state_dir;
+
+    /* Fixed malloc thresholds instead of glibc's sliding ones. By default, freeing a mmap'ed
+     * block raises the mmap threshold to its size: after the first stream, the log's 580 KiB
+     * direct-write chunks came from the heap, which then stayed fragmented and resident (a
+     * fresh daemon after 12 streams of 256 MiB: 20-23 MiB RSS). Blocks of 512 KiB and more
+     * are now always mmap'ed and go back to the system when freed (same daemon: 3.4 MiB);
+     * the 256 KiB write-behind buffers stay on the heap, whose free top is kept up to 1 MiB. */
+    mallopt(M_MMAP_THRESHOLD, 512 * 1024);
+    mallopt(M_TRIM_THRESHOLD, 1024 * 1024);
 
     /* Writes to a vanished client must fail with EPIPE, not kill the daemon. Children get
      * default dispositions back in the spawn path. */
