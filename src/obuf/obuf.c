@@ -10,7 +10,8 @@
  *
  * Invariant while producing: flushed_off + pending_len == end_off, and every logical byte in
  * [max(first_off, file_base), flushed_off) is in the file or in a direct write in flight
- * (jobs, read from their buffers until done). In direct mode flushed_off is a multiple of
+ * (jobs, read from their buffers until done) - or, for a small log kept in memory, in mem
+ * (then there is no file, first_off == file_base == 0 and mem_len == flushed_off). In direct mode flushed_off is a multiple of
  * OBUF_DIRECT_ALIGN and pending is an aligned chunk buffer; file_base is then always 0.
  */
 #include "obuf/obuf.h"
@@ -35,6 +36,8 @@
 bool obuf__no_punch;
 
 static const struct obuf_io *dio;  /* obuf_set_io */
+static size_t mem_store_max, mem_total_max; /* obuf_set_mem */
+static size_t mem_total;           /* bytes in every store's mem */
 static bool dio_refused;           /* O_DIRECT said EINVAL here once: never again */
 
 /* One direct write in flight. */
@@ -75,6 +78,11 @@ struct obuf {
     uint64_t wb_off;      /* file offset up to which writeback was started */
     uint64_t uncached;    /* file offset below which cached pages were let go */
     struct obuf_reader *readers;  /* live readers: their pages stay cached */
+
+    char *mem;            /* a small log kept in memory (obuf_set_mem): logical
+                           * [0, flushed_off), no file; NULL otherwise */
+    size_t mem_len;       /* == flushed_off while mem is set */
+    bool mem_ok;          /* the store may keep its log in memory (set at creation) */
 
     char *pending;        /* pending_cap bytes: logical [flushed_off, end_off) */
     size_t pending_len;
@@ -145,6 +153,61 @@ static int pread_all(int fd, void *p, size_t n, uint64_t pos)
     return 0;
 }
 
+/* ---- small logs in memory ---- */
+
+void obuf_set_mem(size_t per_store, size_t total)
+{
+    mem_store_max = per_store;
+    mem_total_max = total;
+}
+
+size_t obuf_mem_total(void)
+{
+    return mem_total;
+}
+
+static void mem_release(struct obuf *b)
+{
+    if (b->mem == NULL)
+        return;
+    mem_total -= b->mem_len;
+    free(b->mem);
+    b->mem = NULL;
+    b->mem_len = 0;
+    b->mem_ok = false;
+}
+
+/* Keeps n flushed bytes, at logical pos, in memory if the store may: false sends them to the
+ * file. Exact-size growth: a small log is reallocated once per flush (batch of reads). */
+static bool mem_append(struct obuf *b, const char *p, size_t n, uint64_t pos)
+{
+    if (!b->mem_ok || b->created || pos != b->mem_len || b->file_base != 0 ||
+        b->mem_len + n > mem_store_max || mem_total + n > mem_total_max)
+        return false;
+    b->mem = xrealloc(b->mem, b->mem_len + n);
+    memcpy(b->mem + b->mem_len, p, n);
+    b->mem_len += n;
+    mem_total += n;
+    return true;
+}
+
+static int ensure_wfd(struct obuf *b);
+static void lose_all(struct obuf *b);
+
+/* The log kept in memory goes to its file now (budget drops and direct writes work on the
+ * file); a sealed store does not keep the file open. */
+static void mem_spill(struct obuf *b)
+{
+    if (b->mem == NULL)
+        return;
+    if (ensure_wfd(b) < 0)
+        lose_all(b);
+    if (b->sealed && b->wfd >= 0) {
+        close(b->wfd);
+        b->wfd = -1;
+    }
+}
+
 static int ensure_wfd(struct obuf *b)
 {
     if (b->wfd >= 0)
@@ -155,6 +218,11 @@ static int ensure_wfd(struct obuf *b)
         return -errno;
     b->wfd = fd;
     b->created = true;
+    if (b->mem != NULL) { /* a log kept in memory until now moves to the file */
+        int r = pwrite_all(fd, b->mem, b->mem_len, 0);
+        mem_release(b);
+        return r;
+    }
     return 0;
 }
 
@@ -298,6 +366,7 @@ static void drop_to(struct obuf *b, uint64_t keep)
 {
     if (b->end_off - b->first_off <= keep)
         return;
+    mem_spill(b);
     uint64_t target = b->end_off - keep;
     while (b->nbounds > 0 && b->bounds[b->bhead] < target) {
         b->bhead++;
@@ -321,6 +390,7 @@ static void drop_to(struct obuf *b, uint64_t keep)
  * before end_off counts as dropped. Readers see OBUF_GAP and continue at the new end. */
 static void lose_all(struct obuf *b)
 {
+    mem_release(b);
     b->first_off = b->end_off;
     b->dropped = b->logged;
     b->nbounds = 0;
@@ -346,7 +416,8 @@ static int flush_pending(struct obuf *b)
         pos += skip;
     }
     int r = 0;
-    if (n > 0) {
+    bool to_file = n > 0 && !mem_append(b, p, n, pos);
+    if (to_file) {
         r = ensure_wfd(b);
         if (r == 0)
             r = pwrite_all(b->wfd, p, n, pos - b->file_base);
@@ -355,7 +426,7 @@ static int flush_pending(struct obuf *b)
     b->pending_len = 0;
     if (r < 0)
         lose_all(b);
-    else if (n > 0)
+    else if (to_file)
         write_behind(b, b->flushed_off - b->file_base);
     return r;
 }
@@ -454,6 +525,10 @@ static int write_buffered(struct obuf *b, const char *p, size_t n, uint64_t pos)
  * of that block already in the file. */
 static void enter_direct(struct obuf *b)
 {
+    if (b->mem != NULL) { /* (not with the limits obuf_set_mem is given: they are far below) */
+        mem_spill(b);
+        return;
+    }
     if (b->dfd < 0) {
         b->dfd = open(b->path, O_WRONLY | O_DIRECT | O_CLOEXEC);
         if (b->dfd < 0) {
@@ -889,6 +964,11 @@ int obuf_read(struct obuf *b, uint64_t *cursor, char *buf, size_t cap, size_t *r
         } else {
             uint64_t upto = j != NULL ? j->off : b->flushed_off;
             n = (size_t)MIN((uint64_t)left, upto - at);
+            if (b->mem != NULL) {
+                memcpy(buf + got, b->mem + at, n);
+                got += n;
+                continue;
+            }
             int fd = read_fd(b);
             if (fd < 0)
                 return fd;
@@ -963,6 +1043,7 @@ struct obuf *obuf_new(const char *path, uint64_t max_bytes)
     b->io = dio;
     b->pending_cap = OBUF_PENDING_MAX;
     b->next_seg = OBUF_SEGMENT;
+    b->mem_ok = mem_store_max > 0;
     return b;
 }
 
@@ -976,6 +1057,7 @@ void obuf_free(struct obuf *b)
         close(b->rfd);
     if (b->created)
         unlink(b->path);
+    mem_release(b);
     for (int s = 0; s < 3; s++)
         free(b->part[s].buf);
     if (b->direct) {

@@ -1547,6 +1547,7 @@ int proc_table_new(uv_loop_t *loop, const struct proc_config *cfg, struct proc_t
     uv_unref((uv_handle_t *)&t->sweep);
     dio_io.ctx = loop;
     obuf_set_io(&dio_io);
+    obuf_set_mem(OBUF_MEM_STORE, OBUF_MEM_TOTAL);
     uv_timer_init(loop, &t->timer);
     t->timer.data = t;
     uv_unref((uv_handle_t *)&t->timer);
@@ -1703,6 +1704,7 @@ void proc_table_free(struct proc_table *t)
     uv_close((uv_handle_t *)&t->flush_check, on_table_handle_close);
     uv_close((uv_handle_t *)&t->sweep, on_table_handle_close);
     obuf_set_io(NULL);
+    obuf_set_mem(0, 0);
     uv_close((uv_handle_t *)&t->timer, on_table_handle_close);
     if (t->devnull >= 0)
         close(t->devnull);

@@ -57,6 +57,25 @@ def test_get_output_shapes(d):
         assert j["line_count"] == len(want), (which, j)
 
 
+def test_small_logs_in_memory_big_ones_on_disk(d):
+    """A command that prints little leaves no file in the state dir (its log stays in the
+    daemon's memory, 16 KiB at most); one that prints more gets its file. Both read back
+    whole, live (follow) and after the end (GET)."""
+    out_dir = os.path.join(d.state_dir, "out")
+    before = set(os.listdir(out_dir))
+    small = ended(d, "for i in $(seq 1 50); do echo small-$i; done")
+    assert set(os.listdir(out_dir)) == before, sorted(set(os.listdir(out_dir)) - before)
+    assert d.lines(small) == ["small-%d" % i for i in range(1, 51)]
+    outs, eof = follow_all(d, small, "stdout")
+    assert lines_of(outs) == ["small-%d" % i for i in range(1, 51)] and eof.get("exit_code") == 0
+
+    big = ended(d, "seq 1 5000")  # 23,893 bytes: past the 16 KiB kept in memory
+    assert len(set(os.listdir(out_dir)) - before) == 1, sorted(os.listdir(out_dir))
+    assert d.lines(big) == [str(i) for i in range(1, 5001)]
+    outs, _ = follow_all(d, big, "stdout")
+    assert lines_of(outs) == [str(i) for i in range(1, 5001)]
+
+
 def test_line_splitting(d):
     pid = ended(d, r"printf 'a\r\nb\n\nc\r\r\nlast'")
     assert d.lines(pid) == ["a", "b", "", "c\r", "last"], d.lines(pid)

@@ -161,6 +161,120 @@ TEST(obuf_lazy_file_and_free_unlinks)
     cleanup();
 }
 
+/* Small logs stay in memory (obuf_set_mem): no file, read back from memory, moved to the
+ * file once the store or all stores together go past their limit, or a budget drops. */
+TEST(obuf_small_logs_in_memory)
+{
+    const size_t rec = OBUF_HDR_SIZE + 2; /* "hi" */
+    struct stat st;
+    struct recs r = {0};
+    uint64_t cur = 0;
+    obuf_set_mem(5 * rec, 8 * rec);
+
+    char *pa = mkpath("a"), *pb = mkpath("b"), *pc = mkpath("c"), *pd = mkpath("d");
+    struct obuf *a = obuf_new(pa, 0);
+    ASSERT_EQ(obuf_write(a, OBUF_STDOUT, "hi\n", 3, 1), 0);
+    ASSERT_EQ(obuf_flush(a), 0);
+    ASSERT_EQ(obuf_write(a, OBUF_STDERR, "hi\nhi\n", 6, 2), 0);
+    ASSERT_EQ(obuf_flush(a), 0);
+    ASSERT(stat(pa, &st) < 0 && errno == ENOENT);
+    ASSERT_EQ(obuf_mem_total(), 3 * rec);
+    read_all(a, &cur, OBUF_REC_MAX, &r);
+    ASSERT_EQ(r.n, 3);
+    expect_rec(&r, 0, OBUF_STDOUT, OBUF_F_NL, "hi");
+    expect_rec(&r, 2, OBUF_STDERR, OBUF_F_NL, "hi");
+    recs_free(&r);
+
+    /* a reaches its own limit: its log moves to the file, in order, and carries on there */
+    ASSERT_EQ(obuf_write(a, OBUF_STDOUT, "hi\nhi\nhi\n", 9, 3), 0);
+    ASSERT_EQ(obuf_flush(a), 0);
+    ASSERT(stat(pa, &st) == 0);
+    ASSERT_EQ((size_t)st.st_size, 6 * rec);
+    ASSERT_EQ(obuf_mem_total(), 0);
+    cur = 0;
+    read_all(a, &cur, OBUF_REC_MAX, &r);
+    ASSERT_EQ(r.n, 6);
+    expect_rec(&r, 1, OBUF_STDERR, OBUF_F_NL, "hi");
+    expect_rec(&r, 5, OBUF_STDOUT, OBUF_F_NL, "hi");
+    ASSERT_EQ(r.v[5].ts, 3);
+    recs_free(&r);
+
+    /* b takes 5 of the 8 shared; c's flush of 4 more does not fit: c gets a file, b keeps
+     * its memory, sealed or not */
+    struct obuf *b = obuf_new(pb, 0), *c = obuf_new(pc, 0);
+    ASSERT_EQ(obuf_write(b, OBUF_STDOUT, "hi\nhi\nhi\nhi\nhi\n", 15, 4), 0);
+    ASSERT_EQ(obuf_flush(b), 0);
+    ASSERT_EQ(obuf_write(c, OBUF_STDOUT, "hi\nhi\nhi\nhi\n", 12, 5), 0);
+    ASSERT_EQ(obuf_flush(c), 0);
+    ASSERT(stat(pb, &st) < 0 && stat(pc, &st) == 0);
+    ASSERT_EQ(obuf_mem_total(), 5 * rec);
+    obuf_seal(b);
+    cur = 0;
+    read_all(b, &cur, 2 * rec + 1, &r); /* reads cut between records */
+    ASSERT_EQ(r.n, 5);
+    expect_rec(&r, 4, OBUF_STDOUT, OBUF_F_NL, "hi");
+    recs_free(&r);
+    obuf_free(b);
+    ASSERT_EQ(obuf_mem_total(), 0);
+
+    /* a budget that drops moves the log to the file first; readers see the gap */
+    struct obuf *d = obuf_new(pd, 2 * rec);
+    ASSERT_EQ(obuf_write(d, OBUF_STDOUT, "hi\n", 3, 6), 0);
+    ASSERT_EQ(obuf_flush(d), 0);
+    ASSERT_EQ(obuf_mem_total(), rec);
+    ASSERT_EQ(obuf_write(d, OBUF_STDOUT, "hi\nhi\n", 6, 7), 0);
+    ASSERT_EQ(obuf_flush(d), 0);
+    ASSERT_EQ(obuf_mem_total(), 0);
+    ASSERT(stat(pd, &st) == 0);
+    char buf[OBUF_REC_MAX];
+    size_t len;
+    cur = 0;
+    ASSERT_EQ(obuf_read(d, &cur, buf, sizeof(buf), &len), OBUF_GAP);
+    read_all(d, &cur, OBUF_REC_MAX, &r);
+    ASSERT_EQ(r.n, 0); /* (below a segment the budget drops to the end) */
+    ASSERT_EQ(obuf_write(d, OBUF_STDOUT, "hi\n", 3, 8), 0);
+    ASSERT_EQ(obuf_flush(d), 0);
+    read_all(d, &cur, OBUF_REC_MAX, &r);
+    ASSERT_EQ(r.n, 1);
+    ASSERT_EQ(r.v[0].ts, 8);
+    recs_free(&r);
+
+    obuf_free(a);
+    obuf_free(c);
+    obuf_free(d);
+    obuf_set_mem(0, 0);
+    free(pa);
+    free(pb);
+    free(pc);
+    free(pd);
+    cleanup(); /* every file unlinked */
+}
+
+/* A log kept in memory that cannot get its file (the directory is gone) counts as dropped. */
+TEST(obuf_small_log_spill_failure)
+{
+    const size_t rec = OBUF_HDR_SIZE + 2;
+    obuf_set_mem(2 * rec, 8 * rec);
+    char *dir = mkpath("sub");
+    char *path = xasprintf("%s/log", dir); /* directory does not exist */
+    struct obuf *b = obuf_new(path, 0);
+    ASSERT_EQ(obuf_write(b, OBUF_STDOUT, "hi\nhi\n", 6, 1), 0);
+    ASSERT_EQ(obuf_flush(b), 0); /* in memory: no file needed */
+    ASSERT_EQ(obuf_write(b, OBUF_STDOUT, "hi\n", 3, 2), 0);
+    ASSERT_EQ(obuf_flush(b), -ENOENT);
+    ASSERT_EQ(obuf_mem_total(), 0);
+    struct obuf_stats st;
+    obuf_get_stats(b, &st);
+    ASSERT_EQ(st.first_off, st.end_off);
+    ASSERT_EQ(st.dropped_bytes, 3 * rec);
+    ASSERT_EQ(st.bytes[OBUF_STDOUT], 9);
+    obuf_free(b);
+    obuf_set_mem(0, 0);
+    free(path);
+    free(dir);
+    cleanup();
+}
+
 TEST(obuf_lines_split_across_writes)
 {
     char *path = mkpath("log");

@@ -1099,7 +1099,8 @@ TEST(proc_lookup_and_eviction)
     h_init_cfg(&h, &cfg);
     for (int i = 0; i < 6; i++) {
         struct sp x;
-        sh_spec(&x, "echo out");
+        /* The last one prints more than a log kept in memory may hold: it gets a file. */
+        sh_spec(&x, i < 5 ? "echo out" : "head -c 20000 /dev/zero | tr '\\0' x");
         x.s.name = i % 2 ? "odd" : "even";
         ps[i] = start_ok(&h, &x.s);
         if (i == 1)
@@ -1125,12 +1126,18 @@ TEST(proc_lookup_and_eviction)
     for (struct proc *p = proc_first(h.t); p; p = proc_next(p))
         n++;
     ASSERT_EQ(n, 3);
-    /* evicted records' logs are gone */
+    /* evicted records' logs are gone: from memory (only 5's "out" is left there) and disk */
+    ASSERT_EQ(obuf_mem_total(), OBUF_HDR_SIZE + 3);
     char path[128];
     snprintf(path, sizeof(path), "%s/out/%d-1.log", h.dir, (int)getpid());
     ASSERT(access(path, F_OK) < 0);
+    snprintf(path, sizeof(path), "%s/out/%d-5.log", h.dir, (int)getpid());
+    ASSERT(access(path, F_OK) < 0); /* kept in memory, never a file */
     snprintf(path, sizeof(path), "%s/out/%d-6.log", h.dir, (int)getpid());
     ASSERT(access(path, F_OK) == 0);
+    char *out = output(ps[5], OBUF_STDOUT, NULL);
+    ASSERT_EQ(strlen(out), 20000);
+    free(out);
     h_fini(&h);
 }
 
