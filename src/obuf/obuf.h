@@ -15,7 +15,8 @@
  * stable forever; cursors are offsets.
  *
  * Memory: a store holds no heap beyond the struct until output arrives; then a write-behind
- * buffer (at most OBUF_PENDING_MAX) and two partial-line buffers (at most OBUF_LINE_MAX each).
+ * buffer (at most OBUF_PENDING_MAX) and two partial-line buffers (at most OBUF_LINE_MAX each),
+ * and a small log kept in memory instead of a file (within the limits of obuf_set_mem).
  * Readers copy records out of the file (pread, page cache) or the pending buffer into their
  * own bounded buffer, so a slow reader costs no daemon memory and never slows the writer.
  *
