@@ -328,7 +328,9 @@ class Bench:
         try:
             rev = subprocess.run(["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True,
                                  text=True, timeout=5).stdout.strip()
-            dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"],
+            # the bench's own results and the docs do not change what is measured
+            dirty = subprocess.run(["git", "-C", REPO, "status", "--porcelain", "--untracked-files=no", "--",
+                                    ".", ":!bench/results", ":!*.md"],
                                    capture_output=True, text=True, timeout=5).stdout.strip()
             return rev + ("+dirty" if dirty else "")
         except (OSError, subprocess.SubprocessError):
