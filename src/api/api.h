@@ -54,10 +54,11 @@ int api_env_pairs(json_t *obj, const char ***ret_keys, const char ***ret_vals, s
 /* ---- ostream: pumps a process's output records into an HTTP chunked stream ----
  *
  * The pump begins the HTTP stream itself (200, ops->content_type, ops->extra_headers, then
- * ops->begin's bytes), so the caller must not have answered r. It reads the obuf from `cursor` in bounded batches, formats each record through ops,
- * pauses while the connection has HTTP_STREAM_HIGH bytes queued (a slow client costs no
- * memory and never slows the child: it catches up from the log file later), sends a
- * keepalive every keepalive_ms, and ends:
+ * ops->begin's bytes), so the caller must not have answered r. It reads the obuf from
+ * `cursor` in bounded batches, formats each record through ops, pauses while the
+ * connection has HTTP_STREAM_HIGH bytes queued (a slow client costs no memory and never
+ * slows the child: it catches up from the log file later), sends a keepalive every
+ * keepalive_ms, and ends:
  *   follow=true:  after the process is DONE and every record was sent: ops->end, stream end;
  *   follow=false: once it reached the end offset the log had when the pump started.
  * If the client goes away, ops->abort runs (if set) and the pump frees itself.

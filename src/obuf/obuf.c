@@ -11,8 +11,9 @@
  * Invariant while producing: flushed_off + pending_len == end_off, and every logical byte in
  * [max(first_off, file_base), flushed_off) is in the file or in a direct write in flight
  * (jobs, read from their buffers until done) - or, for a small log kept in memory, in mem
- * (then there is no file, first_off == file_base == 0 and mem_len == flushed_off). In direct mode flushed_off is a multiple of
- * OBUF_DIRECT_ALIGN and pending is an aligned chunk buffer; file_base is then always 0.
+ * (then there is no file, first_off == file_base == 0 and mem_len == flushed_off). In
+ * direct mode flushed_off is a multiple of OBUF_DIRECT_ALIGN and pending is an aligned
+ * chunk buffer; file_base is then always 0.
  */
 #include "obuf/obuf.h"
 
@@ -661,8 +662,9 @@ bool obuf_is_direct(const struct obuf *b)
 }
 
 /* Room for a record of up to len data bytes (len + OBUF_HDR_SIZE <= OBUF_PENDING_MAX) in the
- * write-behind buffer, flushing (or in direct mode submitting) it first if needed: returns where its data goes. The record
- * exists once commit() is called; until then nothing changed but a possible flush. */
+ * write-behind buffer, flushing (or in direct mode submitting) it first if needed: returns
+ * where its data goes. The record exists once commit() is called; until then nothing
+ * changed but a possible flush. */
 static char *reserve(struct obuf *b, size_t len, int *r)
 {
     if (b->pending == NULL)

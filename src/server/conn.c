@@ -10,8 +10,9 @@
  * Writes: c->out is filled by http/response.c, c->wr is on the wire. When the write
  * completes the two swap, so at most one write is in flight and everything queued in the
  * meantime leaves in one go. A write goes to the socket first (uv_try_write); only what it
- * does not take at once becomes a uv_write; one it takes whole completes at the next turn. A request completes once its answer is queued and both buffers
- * are empty; only then is the next pipelined request parsed.
+ * does not take at once becomes a uv_write; one it takes whole completes at the next turn.
+ * A request completes once its answer is queued and both buffers are empty; only then is
+ * the next pipelined request parsed.
  *
  * Teardown (redis freeClientAsync, libuv close rules): srv__conn_close() marks the conn
  * closing, runs the abort callback of a pending request, and uv_close()s both handles; the
